@@ -1,0 +1,162 @@
+"""The aggregator contract and what every aggregator shares: validation, weights, global state.
+
+An aggregator turns client updates into a :class:`GlobalState` (per module, the global update to the base
+weight in factored form ``dW = B @ A``, scales folded in) and turns a global state into a client's
+payload at that client's per-module ranks. Nothing else: sampling, training and I/O live above.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from flexlora.core.errors import AggregationError
+from flexlora.core.lora import LoraFactors, LoraUpdate, LowRank, lora_scale
+from flexlora.core.svd import complete_rows
+
+__all__ = ["Aggregator", "GlobalState", "client_weights", "validate_updates", "stack_scaled", "pad_columns"]
+
+
+@dataclass
+class GlobalState:
+    """The global model's update to each base weight: ``modules[name].delta()`` is ``dW (d, k)``."""
+
+    modules: dict[str, LowRank]
+    method: str
+    info: dict[str, float] = field(default_factory=dict)
+
+    def singular_values(self, name: str, top: int | None = None) -> torch.Tensor:
+        """Singular values of ``dW`` for one module, descending (factored route, never forms ``dW``)."""
+        from flexlora.core.svd import svd_lowrank_product
+
+        lr = self.modules[name]
+        return svd_lowrank_product(lr.B, lr.A, route="auto", max_rank=top).S
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        """Flat ``{name.B, name.A}`` tensors for safetensors (contiguous, on CPU)."""
+        out = {}
+        for name, lr in self.modules.items():
+            out[f"{name}.B"] = lr.B.detach().contiguous().cpu()
+            out[f"{name}.A"] = lr.A.detach().contiguous().cpu()
+        return out
+
+    @classmethod
+    def from_tensors(cls, tensors: Mapping[str, torch.Tensor], method: str) -> GlobalState:
+        names = sorted({k.rsplit(".", 1)[0] for k in tensors})
+        missing = [n for n in names if f"{n}.A" not in tensors or f"{n}.B" not in tensors]
+        if missing:
+            raise AggregationError(f"global state is missing A or B for module {missing[0]!r}")
+        return cls({n: LowRank(tensors[f"{n}.B"], tensors[f"{n}.A"]) for n in names}, method)
+
+    @classmethod
+    def initial(
+        cls, shapes: Mapping[str, tuple[int, int]], ranks: Mapping[str, int], method: str, seed: int = 0
+    ) -> GlobalState:
+        """The round-0 state shared by every method: ``B = 0`` and ``A`` drawn like PEFT's default init
+        (Kaiming-uniform with ``a = sqrt(5)``, i.e. ``U(-1/sqrt(k), 1/sqrt(k))``) at each module's largest
+        rank. A client of rank ``r`` starts from the first ``r`` rows, so paired runs share their init."""
+        gen = torch.Generator().manual_seed(seed)
+        modules = {}
+        for name in sorted(shapes):
+            d, k = shapes[name]
+            r = ranks[name]
+            A = (torch.rand(r, k, generator=gen) * 2 - 1) / math.sqrt(k)
+            modules[name] = LowRank(torch.zeros(d, r), A)
+        return cls(modules, method)
+
+
+def client_weights(updates: Sequence[LoraUpdate]) -> list[float]:
+    """``p_i = n_i / sum_j n_j`` over the clients of this round."""
+    total = sum(u.num_examples for u in updates)
+    return [u.num_examples / total for u in updates]
+
+
+def _label(u: LoraUpdate, i: int) -> str:
+    return f"client {u.client_id!r}" if u.client_id else f"client #{i}"
+
+
+def validate_updates(updates: Sequence[LoraUpdate]) -> None:
+    """Refuse updates that cannot be aggregated together; the message names the client and module.
+
+    Checks: at least one update; positive example counts; the same module set and module shapes across
+    clients; ``B (d, r)`` and ``A (r, k)`` agree on ``r``; floating dtype; finite values.
+    """
+    if not updates:
+        raise AggregationError("no client updates to aggregate")
+    ref = updates[0]
+    for i, u in enumerate(updates):
+        who = _label(u, i)
+        if not isinstance(u.num_examples, int) or u.num_examples <= 0:
+            raise AggregationError(f"{who}: num_examples must be a positive integer, got {u.num_examples!r}")
+        if set(u.modules) != set(ref.modules):
+            diff = sorted(set(u.modules) ^ set(ref.modules))
+            raise AggregationError(f"{who}: module set differs from {_label(ref, 0)} (e.g. {diff[0]!r})")
+        for name, f in u.modules.items():
+            if f.A.ndim != 2 or f.B.ndim != 2 or f.B.shape[1] != f.A.shape[0]:
+                raise AggregationError(
+                    f"{who}: module {name!r}: B {tuple(f.B.shape)} and A {tuple(f.A.shape)} disagree on the rank"
+                )
+            if f.shape != ref.modules[name].shape:
+                raise AggregationError(
+                    f"{who}: module {name!r} has shape {f.shape}, {_label(ref, 0)} has {ref.modules[name].shape}"
+                )
+            for label, t in (("A", f.A), ("B", f.B)):
+                if not t.is_floating_point():
+                    raise AggregationError(f"{who}: module {name!r} {label} has non-float dtype {t.dtype}")
+                if not torch.isfinite(t).all():
+                    raise AggregationError(f"{who}: module {name!r} {label} has NaN or Inf values")
+
+
+def stack_scaled(
+    factors: Sequence[LoraFactors], weights: Sequence[float], dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[p_1 s_1 B_1 | ... | p_n s_n B_n]`` ``(d, R)`` and ``[A_1; ...; A_n]`` ``(R, k)``, ``R = sum r_i``:
+    their product is ``sum_i p_i s_i B_i A_i`` exactly."""
+    Bs = torch.cat([(p * f.scale) * f.B.to(dtype) for f, p in zip(factors, weights, strict=True)], dim=1)
+    As = torch.cat([f.A.to(dtype) for f in factors], dim=0)
+    return Bs, As
+
+
+def pad_columns(B: torch.Tensor, width: int) -> torch.Tensor:
+    """Zero-pad ``B (d, r)`` on the right to ``(d, width)``."""
+    return torch.nn.functional.pad(B, (0, width - B.shape[1]))
+
+
+class Aggregator(ABC):
+    """Combine client updates into a global state, and cut payloads from it.
+
+    Subclasses set ``name`` and implement :meth:`aggregate`; :meth:`payload` defaults to the leading ``r``
+    columns of ``B`` / rows of ``A`` (zero / fresh orthonormal rows beyond the state's rank).
+    """
+
+    name: str = ""
+    #: FLoRA-style methods: the client adds the payload to its frozen base and trains a fresh LoRA.
+    fresh_adapter_each_round: bool = False
+
+    @abstractmethod
+    def aggregate(self, updates: Sequence[LoraUpdate], previous: GlobalState | None = None) -> GlobalState:
+        """Combine validated client updates (``previous`` is the state they started from)."""
+
+    def hyperparameters(self) -> dict[str, object]:
+        """Shown in logs and saved with runs."""
+        return {}
+
+    def payload(
+        self, state: GlobalState, ranks: Mapping[str, int], alpha: float, use_rslora: bool = False
+    ) -> dict[str, LoraFactors]:
+        """The factors a client of per-module ``ranks`` starts from: ``B = B_g[:, :r] / s_r``, ``A = A_g[:r]``."""
+        out = {}
+        for name, r in ranks.items():
+            lr = state.modules[name]
+            s = lora_scale(alpha, r, use_rslora)
+            B = pad_columns(lr.B[:, :r], r) / s
+            out[name] = LoraFactors(complete_rows(lr.A, r), B, alpha, use_rslora)
+        return out
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={v!r}" for k, v in self.hyperparameters().items())
+        return f"{type(self).__name__}({params})"

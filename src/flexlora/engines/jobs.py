@@ -1,0 +1,50 @@
+"""What crosses the boundary between the server's round loop and a client, whatever carries it
+(a function call in the local engine, Flower messages in the Flower engine)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from flexlora.core.lora import LoraFactors, LoraUpdate
+
+__all__ = ["TrainJob", "TrainResult", "TrainFailure"]
+
+
+@dataclass
+class TrainJob:
+    """Train one client for one round.
+
+    Args:
+        client_id: which client's data to train on.
+        round: 1-based server round.
+        seed: seeds the client's batch order and dropout for this round (paired across methods).
+        init: the factors the client's trainable adapter starts from, per module (its ranks are the
+            client's ranks).
+        frozen: FLoRA-style methods: a frozen update added to the base model while training (``None``
+            otherwise).
+        freeze_A: FFA-LoRA: train ``B`` only.
+    """
+
+    client_id: str
+    round: int
+    seed: int
+    init: dict[str, LoraFactors]
+    frozen: dict[str, LoraFactors] | None = None
+    freeze_A: bool = False
+
+
+@dataclass
+class TrainResult:
+    """A client's trained adapter (``update.num_examples`` = its training examples) and its metrics
+    (``train_loss``, ``steps``, ``seconds``, ...)."""
+
+    update: LoraUpdate
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class TrainFailure:
+    """A client that errored, timed out or sent an invalid update; left out of the round."""
+
+    client_id: str
+    reason: str
