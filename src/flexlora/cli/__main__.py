@@ -1,0 +1,5 @@
+import sys
+
+from flexlora.cli import main
+
+sys.exit(main())
