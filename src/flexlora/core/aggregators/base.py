@@ -8,6 +8,7 @@ payload at that client's per-module ranks. Nothing else: sampling, training and 
 from __future__ import annotations
 
 import math
+import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -18,7 +19,16 @@ from flexlora.core.errors import AggregationError
 from flexlora.core.lora import LoraFactors, LoraUpdate, LowRank, lora_scale
 from flexlora.core.svd import complete_rows
 
-__all__ = ["Aggregator", "GlobalState", "client_weights", "validate_updates", "stack_scaled", "pad_columns"]
+__all__ = [
+    "Aggregator",
+    "GlobalState",
+    "client_weights",
+    "validate_updates",
+    "stack_scaled",
+    "pad_columns",
+    "leading_factors",
+    "exact_factors",
+]
 
 
 @dataclass
@@ -59,11 +69,12 @@ class GlobalState:
         """The round-0 state shared by every method: ``B = 0`` and ``A`` drawn like PEFT's default init
         (Kaiming-uniform with ``a = sqrt(5)``, i.e. ``U(-1/sqrt(k), 1/sqrt(k))``) at each module's largest
         rank. A client of rank ``r`` starts from the first ``r`` rows, so paired runs share their init."""
-        gen = torch.Generator().manual_seed(seed)
         modules = {}
         for name in sorted(shapes):
             d, k = shapes[name]
             r = ranks[name]
+            # one generator per module, so the first r rows do not depend on other modules' ranks
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
             A = (torch.rand(r, k, generator=gen) * 2 - 1) / math.sqrt(k)
             modules[name] = LowRank(torch.zeros(d, r), A)
         return cls(modules, method)
@@ -126,6 +137,27 @@ def pad_columns(B: torch.Tensor, width: int) -> torch.Tensor:
     return torch.nn.functional.pad(B, (0, width - B.shape[1]))
 
 
+def leading_factors(
+    state: GlobalState, ranks: Mapping[str, int], alpha: float, use_rslora: bool = False
+) -> dict[str, LoraFactors]:
+    """Cut rank-``r`` factors from a state: ``B = B_g[:, :r] / s_r`` and ``A = A_g[:r]``; beyond the state's
+    rank, zero ``B`` columns and fresh orthonormal ``A`` rows (:func:`complete_rows`)."""
+    out = {}
+    for name, r in ranks.items():
+        lr = state.modules[name]
+        B = pad_columns(lr.B[:, :r], r) / lora_scale(alpha, r, use_rslora)
+        out[name] = LoraFactors(complete_rows(lr.A, r), B, alpha, use_rslora)
+    return out
+
+
+def exact_factors(state: GlobalState, alpha: float, use_rslora: bool = False) -> dict[str, LoraFactors]:
+    """The whole state as LoRA factors at each module's own rank ``q``: ``s_q B A`` is exactly ``dW``."""
+    return {
+        name: LoraFactors(lr.A, lr.B / lora_scale(alpha, lr.rank, use_rslora), alpha, use_rslora)
+        for name, lr in state.modules.items()
+    }
+
+
 class Aggregator(ABC):
     """Combine client updates into a global state, and cut payloads from it.
 
@@ -148,14 +180,8 @@ class Aggregator(ABC):
     def payload(
         self, state: GlobalState, ranks: Mapping[str, int], alpha: float, use_rslora: bool = False
     ) -> dict[str, LoraFactors]:
-        """The factors a client of per-module ``ranks`` starts from: ``B = B_g[:, :r] / s_r``, ``A = A_g[:r]``."""
-        out = {}
-        for name, r in ranks.items():
-            lr = state.modules[name]
-            s = lora_scale(alpha, r, use_rslora)
-            B = pad_columns(lr.B[:, :r], r) / s
-            out[name] = LoraFactors(complete_rows(lr.A, r), B, alpha, use_rslora)
-        return out
+        """The factors a client of per-module ``ranks`` starts from (see :func:`leading_factors`)."""
+        return leading_factors(state, ranks, alpha, use_rslora)
 
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in self.hyperparameters().items())

@@ -18,10 +18,11 @@ from flexlora.core.aggregators.base import (
     Aggregator,
     GlobalState,
     client_weights,
+    exact_factors,
     stack_scaled,
     validate_updates,
 )
-from flexlora.core.lora import LoraFactors, LoraUpdate, LowRank, lora_scale
+from flexlora.core.lora import LoraFactors, LoraUpdate, LowRank
 from flexlora.core.svd import svd_lowrank_product
 
 __all__ = ["FLoRA"]
@@ -39,7 +40,7 @@ class FLoRA(Aggregator):
         modules = {}
         for name in updates[0].modules:
             B, A = stack_scaled([u.modules[name] for u in updates], weights, torch.float32)  # (d, R), (R, k)
-            if previous is not None and name in previous.modules:
+            if previous is not None and name in previous.modules and previous.modules[name].B.any():
                 B = torch.cat([previous.modules[name].B.float(), B], dim=1)
                 A = torch.cat([previous.modules[name].A.float(), A], dim=0)
             if B.shape[1] > min(B.shape[0], A.shape[1]):
@@ -52,8 +53,5 @@ class FLoRA(Aggregator):
         self, state: GlobalState, ranks: Mapping[str, int], alpha: float, use_rslora: bool = False
     ) -> dict[str, LoraFactors]:
         """The whole stack at its own rank ``q`` (requested ranks are ignored): ``B = B_g / s_q``."""
-        out = {}
-        for name in ranks:
-            lr = state.modules[name]
-            out[name] = LoraFactors(lr.A, lr.B / lora_scale(alpha, lr.rank, use_rslora), alpha, use_rslora)
-        return out
+        full = exact_factors(state, alpha, use_rslora)
+        return {name: full[name] for name in ranks}
