@@ -5,8 +5,11 @@
 * ``factored``: never forms ``dW``. Thin QR ``B = Qb Rb`` and ``A^T = Qa Ra``, then the SVD of the small
   core ``Rb Ra^T = U' S V'^T`` gives ``dW = (Qb U') S (Qa V')^T`` exactly. Cost ``O((d + k) R^2 + R^3)``,
   memory ``O((d + k) R)``, ``R`` = inner dimension (sum of client ranks).
-* ``auto``: ``factored`` while ``R < min(d, k)``, where it is always cheaper; otherwise ``dense``. Both are
-  exact to floating-point rounding (no randomised solver), so ``auto`` never trades accuracy for speed.
+* ``auto``: ``factored`` while ``R <= min(d, k) / 2``; otherwise ``dense``. Both are exact to floating-point
+  rounding (no randomised solver), so ``auto`` never trades accuracy for speed. The crossover is not at
+  ``R = min(d, k)``: the core SVD runs in float64 and costs about as much per row as the dense float32 SVD
+  twice over, so on 2 CPU cores at 4096 x 4096 the factored route is 2.3x faster at ``R = 2048``, about
+  even at ``R = 2600`` and 2-3x slower at ``R = 3000`` (see ``docs/benchmarks.md``).
 
 The small core SVD runs in float64: it costs ``O(R^3)`` and removes the one place where float32 rounding
 of a squared-conditioned product could show up.
@@ -22,6 +25,8 @@ __all__ = ["SVDRoute", "SVDResult", "choose_route", "svd_lowrank_product", "comp
 
 SVDRoute = Literal["auto", "dense", "factored"]
 SVD_ROUTES: tuple[str, ...] = ("auto", "dense", "factored")
+#: ``auto`` takes the factored route while ``inner <= FACTORED_MAX_FRACTION * min(d, k)``.
+FACTORED_MAX_FRACTION = 0.5
 
 
 class SVDResult(NamedTuple):
@@ -33,12 +38,12 @@ class SVDResult(NamedTuple):
 
 
 def choose_route(d: int, k: int, inner: int, route: SVDRoute = "auto") -> str:
-    """Resolve ``auto``: the factored route pays only while the inner dimension is below ``min(d, k)``."""
+    """Resolve ``auto``: the factored route pays only while the inner dimension is at most half of ``min(d, k)``."""
     if route not in SVD_ROUTES:
         raise ValueError(f"svd route must be one of {SVD_ROUTES}, got {route!r}")
     if route != "auto":
         return route
-    return "factored" if inner < min(d, k) else "dense"
+    return "factored" if inner <= FACTORED_MAX_FRACTION * min(d, k) else "dense"
 
 
 def svd_lowrank_product(
@@ -72,10 +77,16 @@ def complete_rows(A: torch.Tensor, rank: int, seed: int = 0) -> torch.Tensor:
     Used when a client's rank exceeds the rank of the global update: its extra ``A`` rows get fresh
     directions (with zero ``B`` columns) so they still receive gradients, unlike zero rows, which would
     leave both factors of those directions stuck at zero. Deterministic given ``seed``.
+
+    Raises:
+        ValueError: ``rank > k``: there are no ``rank`` orthonormal rows in ``k`` dimensions (clip ranks to
+            ``min(d, k)`` first, see :func:`flexlora.core.ranks.module_ranks`).
     """
     q, k = A.shape
     if rank <= q:
         return A[:rank]
+    if rank > k:
+        raise ValueError(f"cannot complete A {(q, k)} to {rank} orthonormal rows: rank exceeds k = {k}")
     gen = torch.Generator().manual_seed(seed)
     extra = torch.randn(k, rank - q, generator=gen, dtype=torch.float64).to(A.device)  # (k, rank - q)
     if q:
