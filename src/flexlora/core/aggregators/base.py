@@ -8,6 +8,7 @@ payload at that client's per-module ranks. Nothing else: sampling, training and 
 from __future__ import annotations
 
 import math
+import numbers
 import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
@@ -94,15 +95,16 @@ def validate_updates(updates: Sequence[LoraUpdate]) -> None:
     """Refuse updates that cannot be aggregated together; the message names the client and module.
 
     Checks: at least one update; positive example counts; the same module set and module shapes across
-    clients; ``B (d, r)`` and ``A (r, k)`` agree on ``r``; floating dtype; finite values.
+    clients; ``B (d, r)`` and ``A (r, k)`` agree on ``r``; floating dtype; finite values and ``lora_alpha``.
     """
     if not updates:
         raise AggregationError("no client updates to aggregate")
     ref = updates[0]
     for i, u in enumerate(updates):
         who = _label(u, i)
-        if not isinstance(u.num_examples, int) or u.num_examples <= 0:
-            raise AggregationError(f"{who}: num_examples must be a positive integer, got {u.num_examples!r}")
+        n = u.num_examples
+        if not isinstance(n, numbers.Integral) or isinstance(n, bool) or n <= 0:
+            raise AggregationError(f"{who}: num_examples must be a positive integer, got {n!r}")
         if set(u.modules) != set(ref.modules):
             diff = sorted(set(u.modules) ^ set(ref.modules))
             raise AggregationError(f"{who}: module set differs from {_label(ref, 0)} (e.g. {diff[0]!r})")
@@ -115,6 +117,8 @@ def validate_updates(updates: Sequence[LoraUpdate]) -> None:
                 raise AggregationError(
                     f"{who}: module {name!r} has shape {f.shape}, {_label(ref, 0)} has {ref.modules[name].shape}"
                 )
+            if not math.isfinite(f.alpha):
+                raise AggregationError(f"{who}: module {name!r} has non-finite lora_alpha {f.alpha!r}")
             for label, t in (("A", f.A), ("B", f.B)):
                 if not t.is_floating_point():
                     raise AggregationError(f"{who}: module {name!r} {label} has non-float dtype {t.dtype}")
@@ -141,10 +145,20 @@ def leading_factors(
     state: GlobalState, ranks: Mapping[str, int], alpha: float, use_rslora: bool = False
 ) -> dict[str, LoraFactors]:
     """Cut rank-``r`` factors from a state: ``B = B_g[:, :r] / s_r`` and ``A = A_g[:r]``; beyond the state's
-    rank, zero ``B`` columns and fresh orthonormal ``A`` rows (:func:`complete_rows`)."""
+    rank, zero ``B`` columns and fresh orthonormal ``A`` rows (:func:`complete_rows`).
+
+    Raises:
+        AggregationError: a rank is negative or above ``min(d, k)`` of its module (clip with
+            :func:`flexlora.core.ranks.module_ranks`); no payload is cut.
+    """
     out = {}
     for name, r in ranks.items():
         lr = state.modules[name]
+        if not 0 <= r <= min(lr.shape):
+            raise AggregationError(
+                f"payload: module {name!r} of shape {lr.shape} cannot take rank {r}: "
+                f"ranks must lie in [0, min(d, k) = {min(lr.shape)}]"
+            )
         B = pad_columns(lr.B[:, :r], r) / lora_scale(alpha, r, use_rslora)
         out[name] = LoraFactors(complete_rows(lr.A, r), B, alpha, use_rslora)
     return out

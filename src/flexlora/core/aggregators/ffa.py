@@ -15,6 +15,7 @@ import torch
 from flexlora.core.aggregators.base import (
     Aggregator,
     GlobalState,
+    _label,
     client_weights,
     pad_columns,
     validate_updates,
@@ -51,12 +52,12 @@ class FFALoRA(Aggregator):
                 shared = previous.modules[name].A.float()
             else:
                 shared = max(factors, key=lambda f: f.rank).A.float()
-            for u, f in zip(updates, factors, strict=True):
+            for i, (u, f) in enumerate(zip(updates, factors, strict=True)):
                 if f.rank > shared.shape[0] or not torch.allclose(
                     f.A.float(), shared[: f.rank], atol=self.atol
                 ):
                     raise AggregationError(
-                        f"client {u.client_id!r}: module {name!r}: A differs from the shared frozen A; "
+                        f"{_label(u, i)}: module {name!r}: A differs from the shared frozen A; "
                         "FFA-LoRA needs A frozen at the shared initialisation"
                     )
             width = shared.shape[0]
