@@ -1,0 +1,257 @@
+"""Local training of one client: a :class:`TrainJob` in, a :class:`TrainResult` out.
+
+The client's adapter is installed into the shared base model with :class:`~flexlora.models.LoraHost`,
+trained for a fixed number of optimizer steps on seeded batches, read back and removed again. The same job
+gives a bit-identical result on CPU (batch order, dropout and the adapter's throw-away initialisation are
+all seeded by ``job.seed``, under a forked RNG so the caller's RNG is untouched).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from flexlora.core.lora import LoraUpdate
+from flexlora.data.examples import ClientData
+from flexlora.engines.jobs import TrainJob, TrainResult
+from flexlora.models import LoraHost, model_device, response_logits
+from flexlora.prompts import DEFAULT_TEMPLATE, IGNORE_INDEX, LOSS_ON, TEMPLATES, collate, encode_example
+
+__all__ = ["OPTIMIZERS", "SCHEDULES", "TrainConfig", "batch_order", "run_train_job"]
+
+SCHEDULES: tuple[str, ...] = ("constant", "linear", "cosine")
+OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd")
+# our schedule name -> transformers.get_scheduler name (all with linear warmup from 0)
+_HF_SCHEDULES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@dataclass
+class TrainConfig:
+    """How a client trains its adapter in one round.
+
+    Args:
+        steps: optimizer steps per round (set exactly one of ``steps`` and ``epochs``; to train by epochs,
+            set ``steps=None``).
+        epochs: passes over the client's training examples per round (may be fractional); the step count is
+            ``ceil(epochs * n / (batch_size * grad_accum))`` for ``n`` examples.
+        batch_size: examples per micro-batch.
+        grad_accum: micro-batches per optimizer step; the loss is averaged over all response tokens of the
+            step, exactly as one batch of ``batch_size * grad_accum`` would be.
+        lr: peak learning rate.
+        schedule: ``constant``, ``linear`` (decay to 0) or ``cosine`` (to 0), after ``warmup_steps`` of linear
+            warmup from 0.
+        warmup_steps: linear warmup steps.
+        optimizer: ``adamw`` or ``sgd`` (no momentum).
+        weight_decay: decoupled for AdamW, L2 for SGD; on the LoRA factors only.
+        max_grad_norm: clip the global gradient norm of the trainable factors; ``None`` or 0: no clipping.
+        loss_on: ``response`` (loss on response tokens only) or ``all``.
+        max_length: token budget per example (truncation policy in :mod:`flexlora.prompts`).
+        template: prompt template, one of :data:`flexlora.prompts.TEMPLATES`.
+
+    Raises:
+        ValueError: every invalid field at once, each named with its value.
+    """
+
+    steps: int | None = 10
+    epochs: float | None = None
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 3e-4
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    optimizer: str = "adamw"
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    loss_on: str = "response"
+    max_length: int = 256
+    template: str = DEFAULT_TEMPLATE
+
+    def __post_init__(self) -> None:
+        errors = []
+        if (self.steps is None) == (self.epochs is None):
+            errors.append(
+                f"set exactly one of steps and epochs, got steps={self.steps!r}, epochs={self.epochs!r} "
+                "(to train by epochs, set steps=None)"
+            )
+        if self.steps is not None and not (_is_int(self.steps) and self.steps >= 1):
+            errors.append(f"steps must be an integer >= 1, got {self.steps!r}")
+        if self.epochs is not None and not (_is_number(self.epochs) and self.epochs > 0):
+            errors.append(f"epochs must be a number > 0, got {self.epochs!r}")
+        for name in ("batch_size", "grad_accum", "max_length"):
+            value = getattr(self, name)
+            if not (_is_int(value) and value >= (2 if name == "max_length" else 1)):
+                errors.append(
+                    f"{name} must be an integer >= {2 if name == 'max_length' else 1}, got {value!r}"
+                )
+        if not (_is_int(self.warmup_steps) and self.warmup_steps >= 0):
+            errors.append(f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
+        if not (_is_number(self.lr) and self.lr > 0):
+            errors.append(f"lr must be a number > 0, got {self.lr!r}")
+        if not (_is_number(self.weight_decay) and self.weight_decay >= 0):
+            errors.append(f"weight_decay must be a number >= 0, got {self.weight_decay!r}")
+        if self.max_grad_norm is not None and not (
+            _is_number(self.max_grad_norm) and self.max_grad_norm >= 0
+        ):
+            errors.append(f"max_grad_norm must be None or a number >= 0, got {self.max_grad_norm!r}")
+        for name, allowed in (
+            ("schedule", SCHEDULES),
+            ("optimizer", OPTIMIZERS),
+            ("loss_on", LOSS_ON),
+            ("template", TEMPLATES),
+        ):
+            if getattr(self, name) not in allowed:
+                errors.append(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if errors:
+            raise ValueError("invalid TrainConfig: " + "; ".join(errors))
+
+    def num_steps(self, num_examples: int) -> int:
+        """Optimizer steps for a client with ``num_examples`` training examples."""
+        if self.steps is not None:
+            return self.steps
+        micro_batches = math.ceil(self.epochs * num_examples / self.batch_size)
+        return max(1, math.ceil(micro_batches / self.grad_accum))
+
+
+def batch_order(
+    num_examples: int, batch_size: int, num_batches: int, generator: torch.Generator
+) -> list[list[int]]:
+    """Example indices of ``num_batches`` full batches drawn from consecutive random permutations.
+
+    The permutations are concatenated into one stream cut into batches, so every batch is full and every
+    example is seen once per pass (a batch may straddle two passes, and with ``num_examples < batch_size``
+    a batch repeats examples).
+
+    Args:
+        num_examples: ``n``.
+        batch_size: indices per batch.
+        num_batches: batches to return.
+        generator: the seeded generator that draws the permutations.
+
+    Returns:
+        ``num_batches`` lists of ``batch_size`` indices in ``[0, n)``.
+    """
+    needed = batch_size * num_batches
+    stream: list[int] = []
+    while len(stream) < needed:
+        stream.extend(torch.randperm(num_examples, generator=generator).tolist())
+    return [stream[i * batch_size : (i + 1) * batch_size] for i in range(num_batches)]
+
+
+def _optimizer(cfg: TrainConfig, params: Sequence[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def run_train_job(
+    host: LoraHost, tokenizer, data: ClientData, job: TrainJob, cfg: TrainConfig
+) -> TrainResult:
+    """Train one client's adapter for one round.
+
+    Installs ``job.init`` (plus ``job.frozen`` and ``job.freeze_A``) into ``host``, trains on ``data.train``
+    and always unloads the adapter again, also on error.
+
+    Args:
+        host: holds the base model (on CPU or CUDA; batches follow the model's device).
+        tokenizer: the model's tokenizer (with a pad token).
+        data: the client's examples; ``data.train`` is used.
+        job: which adapter to start from, and the seed of batch order and dropout.
+        cfg: the training hyperparameters.
+
+    Returns:
+        ``TrainResult`` with ``update = LoraUpdate(trained factors, num_examples=len(data.train),
+        client_id=job.client_id)`` (CPU float32) and metrics ``train_loss`` (mean over steps of the step's
+        per-token loss), ``train_loss_last``, ``steps``, ``seconds``, ``tokens`` (non-padding tokens seen)
+        and ``loss_tokens`` (tokens the loss was taken on).
+
+    Raises:
+        ValueError: ``job.client_id`` is not ``data``'s client, or the client has no training examples.
+        flexlora.core.errors.AdapterError: ``job.init`` or ``job.frozen`` does not fit the model.
+    """
+    if job.client_id != data.client_id:
+        raise ValueError(f"job is for client {job.client_id!r} but the data is client {data.client_id!r}")
+    if not data.train:
+        raise ValueError(f"client {data.client_id!r} has no training examples; it cannot train")
+    start = time.perf_counter()
+    model = host.model
+    device = model_device(model)
+    pad_id = tokenizer.pad_token_id
+    encoded = [encode_example(tokenizer, ex, cfg.max_length, cfg.loss_on, cfg.template) for ex in data.train]
+    num_steps = cfg.num_steps(len(encoded))
+
+    # ----------------------------------------------------------------------------------------------------
+    # setup: adapter, optimizer, schedule, batches
+    from transformers import get_scheduler
+
+    was_training = model.training
+    rng_devices = [device.index or 0] if device.type == "cuda" else []
+    host.load(job.init, job.frozen, job.freeze_A)
+    try:
+        with torch.random.fork_rng(devices=rng_devices):
+            torch.manual_seed(job.seed)  # dropout
+            generator = torch.Generator().manual_seed(job.seed)  # batch order
+            batches = batch_order(len(encoded), cfg.batch_size, num_steps * cfg.grad_accum, generator)
+            params = host.trainable_parameters()
+            optimizer = _optimizer(cfg, params)
+            scheduler = get_scheduler(
+                _HF_SCHEDULES[cfg.schedule],
+                optimizer,
+                num_warmup_steps=cfg.warmup_steps,
+                num_training_steps=num_steps,
+            )
+            model.train()
+
+            # --------------------------------------------------------------------------------------------
+            # the loop: grad_accum micro-batches per step, loss = sum over the step's tokens / their count
+            losses, tokens, loss_tokens = [], 0, 0
+            for step in range(num_steps):
+                micro = [
+                    collate([encoded[i] for i in idx], pad_id)
+                    for idx in batches[step * cfg.grad_accum : (step + 1) * cfg.grad_accum]
+                ]
+                step_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
+                step_loss = 0.0
+                for batch in micro:
+                    batch = {k: v.to(device) for k, v in batch.items()}
+                    logits, targets = response_logits(
+                        model, batch["input_ids"], batch["attention_mask"], batch["labels"]
+                    )  # (n, vocab), (n,)
+                    loss = F.cross_entropy(logits, targets, reduction="sum") / max(step_tokens, 1)
+                    loss.backward()
+                    step_loss += loss.item()
+                    tokens += int(batch["attention_mask"].sum())
+                if cfg.max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(step_loss)
+                loss_tokens += step_tokens
+        trained = host.export()
+    finally:
+        host.unload()
+        model.train(was_training)
+
+    metrics = {
+        "train_loss": sum(losses) / len(losses),
+        "train_loss_last": losses[-1],
+        "steps": float(num_steps),
+        "seconds": time.perf_counter() - start,
+        "tokens": float(tokens),
+        "loss_tokens": float(loss_tokens),
+    }
+    update = LoraUpdate(trained, num_examples=len(data.train), client_id=job.client_id)
+    return TrainResult(update=update, metrics=metrics)
