@@ -73,3 +73,14 @@ def test_errors(tmp_path: Path) -> None:
     source = PaperLayoutSource(tmp_path, cache_dir=tmp_path / "cache")
     with pytest.raises(ValueError, match=r"lacks string field\(s\) \['output'\]"):
         source.load("1")
+
+
+def test_input_is_optional_but_must_be_a_string(tmp_path: Path) -> None:
+    (tmp_path / "local_training_1.json").write_text('[{"instruction": "x", "output": "y"}]')
+    (tmp_path / "local_training_2.json").write_text('[{"instruction": "x", "input": null, "output": "y"}]')
+    source = PaperLayoutSource(tmp_path, cache_dir=tmp_path / "cache")
+    assert source.load("1").train[0].input == ""
+    with pytest.raises(
+        ValueError, match=r"local_training_2.json: an example lacks string field\(s\) \['input'\]"
+    ):
+        source.load("2")

@@ -87,8 +87,6 @@ class DollySource(ClientSource):
             require_int("num_clients", num_clients, 1)
             require_number("dirichlet_alpha", dirichlet_alpha, 0)
         self.path = Path(path)
-        self.split_by = split_by
-        self.seed = seed
         self.fractions = check_fractions(fractions)
         self._data_path = plain_copy(self.path, cache_dir)
 

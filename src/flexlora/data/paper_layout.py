@@ -99,10 +99,11 @@ class PaperLayoutSource(ClientSource):
 
 
 def _example(record: dict[str, Any], file: Path, info: ClientInfo) -> Example:
-    missing = [k for k in ("instruction", "output") if not isinstance(record.get(k), str)]
+    record = {"input": "", **record}  # an example without input has an empty one
+    missing = [k for k in ("instruction", "input", "output") if not isinstance(record.get(k), str)]
     if missing:
         raise ValueError(f"{file}: an example lacks string field(s) {missing} (has {sorted(record)})")
-    return Example(record["instruction"], str(record.get("input", "")), record["output"], info.category)
+    return Example(record["instruction"], record["input"], record["output"], info.category)
 
 
 def _id_order(client_id: str) -> tuple[int, int, str]:
