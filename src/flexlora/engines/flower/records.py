@@ -1,0 +1,361 @@
+"""Conversion between our types and Flower records, and the checks a node's reply must pass.
+
+A train message (server -> node) carries one client's :class:`~flexlora.engines.jobs.TrainJob`::
+
+    "init"         ArrayRecord   {"<module>.A": (r, k), "<module>.B": (d, r)}   the factors to start from
+    "init-lora"    ConfigRecord  {"modules": [...], "alphas": [...], "rslora": [...]}
+    "frozen"       ArrayRecord   FLoRA-style methods only: the update merged into the base model
+    "frozen-lora"  ConfigRecord
+    "config"       ConfigRecord  {"server-round", "client-id", "seed", "freeze-A"}
+
+A train reply (node -> server)::
+
+    "update"       ArrayRecord   {"<module>.A", "<module>.B"} at the ranks that were sent
+    "metrics"      MetricRecord  {"num-examples": int, "train_loss", "steps", "seconds", ...}
+    "config"       ConfigRecord  {"client-id"}
+
+Tensors travel as ``.npy`` bytes (``allow_pickle=False``; nothing here ever unpickles). A reply is never
+trusted: :func:`update_from_reply` decodes it against the job that was sent and refuses it with a
+:class:`ReplyError` naming the node and the field. Byte counts are tensor bytes (``numel * itemsize``), the
+same measure as the in-process engine, without the few hundred bytes of headers per message.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from flexlora.core.aggregators import GlobalState
+from flexlora.core.lora import LoraFactors, LoraUpdate
+from flexlora.core.ranks import RankType, parse_rank_type
+from flexlora.engines.jobs import TrainJob, TrainResult
+
+__all__ = [
+    "MAX_EXAMPLES",
+    "NodeDeclaration",
+    "ReplyError",
+    "factors_from_records",
+    "factors_nbytes",
+    "factors_to_records",
+    "job_from_content",
+    "job_to_content",
+    "node_declaration",
+    "reply_content",
+    "state_from_arrays",
+    "state_to_arrays",
+    "update_from_reply",
+]
+
+#: A reply claiming more training examples than this is refused: it would dominate the weighted average.
+MAX_EXAMPLES = 10_000_000
+_FLOAT_DTYPES = (np.float16, np.float32, np.float64)
+
+
+class ReplyError(ValueError):
+    """A node's reply cannot be used; the message names the node and the field and ends with the
+    consequence (the update is left out of the round, nothing else changes).
+
+    Args:
+        node: Flower node id (or another label) of the sender.
+        field: the record key or ``record[key]`` that is wrong.
+        problem: what is wrong with it.
+    """
+
+    def __init__(self, node: int | str, field: str, problem: str):
+        self.node, self.field, self.problem = node, field, problem
+        super().__init__(f"node {node}: {field}: {problem}; left out of this round")
+
+
+# ---------------------------------------------------------------------------------------------- tensors
+def _to_array(t: torch.Tensor) -> Array:
+    t = t.detach().cpu()
+    if t.dtype == torch.bfloat16:  # numpy has no bfloat16: widen, exactly
+        t = t.float()
+    return Array(t.contiguous().numpy())
+
+
+def _tensor_nbytes(t: torch.Tensor) -> int:
+    return t.numel() * (4 if t.dtype == torch.bfloat16 else t.element_size())
+
+
+def factors_nbytes(factors: Mapping[str, LoraFactors] | None) -> int:
+    """Tensor bytes that :func:`factors_to_records` puts on the wire for ``factors``."""
+    return sum(_tensor_nbytes(f.A) + _tensor_nbytes(f.B) for f in (factors or {}).values())
+
+
+def factors_to_records(factors: Mapping[str, LoraFactors]) -> tuple[ArrayRecord, ConfigRecord]:
+    """``{module: LoraFactors}`` -> (``{"<module>.A", "<module>.B"}`` arrays, per-module alphas and rsLoRA).
+
+    Returns:
+        The arrays (``A (r, k)`` and ``B (d, r)`` per module) and a ConfigRecord with ``modules`` (sorted),
+        ``alphas`` and ``rslora`` lists in the same order.
+    """
+    names = sorted(factors)
+    arrays = ArrayRecord()
+    for name in names:
+        arrays[f"{name}.A"] = _to_array(factors[name].A)
+        arrays[f"{name}.B"] = _to_array(factors[name].B)
+    lora = ConfigRecord(
+        {
+            "modules": names,
+            "alphas": [float(factors[n].alpha) for n in names],
+            "rslora": [bool(factors[n].use_rslora) for n in names],
+        }
+    )
+    return arrays, lora
+
+
+def _decode(node: int | str, field: str, array: Array) -> torch.Tensor:
+    """One array -> a float tensor; the dtype and shape are read from the data, never from the metadata."""
+    if not isinstance(array, Array):
+        raise ReplyError(node, field, f"expected an Array, got {type(array).__name__}")
+    try:
+        values = array.numpy()
+    except (TypeError, ValueError, OSError, EOFError) as exc:
+        raise ReplyError(node, field, f"cannot be decoded ({exc})") from None
+    if values.dtype.type not in _FLOAT_DTYPES:
+        raise ReplyError(node, field, f"has non-float dtype {values.dtype}")
+    if values.ndim != 2:
+        raise ReplyError(node, field, f"must be a matrix, got shape {tuple(values.shape)}")
+    tensor = torch.from_numpy(np.array(values, copy=True))
+    if not torch.isfinite(tensor).all():
+        raise ReplyError(node, field, "has NaN or Inf values")
+    return tensor
+
+
+def factors_from_records(
+    arrays: ArrayRecord, lora: ConfigRecord, node: int | str = "?", record: str = "init"
+) -> dict[str, LoraFactors]:
+    """Inverse of :func:`factors_to_records`; checks that every module has a matching ``A`` and ``B``.
+
+    Raises:
+        ReplyError: a module is missing or extra, a tensor is not a finite float matrix, or ``B`` and ``A``
+            disagree on the rank.
+    """
+    names = list(lora.get("modules", []))
+    alphas, rslora = list(lora.get("alphas", [])), list(lora.get("rslora", []))
+    if len(alphas) != len(names) or len(rslora) != len(names):
+        raise ReplyError(node, f"{record}-lora", "modules, alphas and rslora differ in length")
+    expected = {f"{n}.{ab}" for n in names for ab in "AB"}
+    _check_keys(node, record, set(arrays), expected)
+    out = {}
+    for name, alpha, rs in zip(names, alphas, rslora, strict=True):
+        A = _decode(node, f"{record}[{name}.A]", arrays[f"{name}.A"])
+        B = _decode(node, f"{record}[{name}.B]", arrays[f"{name}.B"])
+        if B.shape[1] != A.shape[0]:
+            raise ReplyError(node, f"{record}[{name}]", f"B {tuple(B.shape)} and A {tuple(A.shape)} disagree")
+        out[name] = LoraFactors(A, B, float(alpha), bool(rs))
+    return out
+
+
+def _check_keys(node: int | str, record: str, got: set[str], expected: set[str]) -> None:
+    if missing := sorted(expected - got):
+        raise ReplyError(node, record, f"missing {len(missing)} array(s), e.g. {missing[0]!r}")
+    if extra := sorted(got - expected):
+        raise ReplyError(node, record, f"{len(extra)} unexpected array(s), e.g. {extra[0]!r}")
+
+
+# ------------------------------------------------------------------------------------------ global state
+def state_to_arrays(state: GlobalState) -> ArrayRecord:
+    """The global update ``dW = B @ A`` per module as ``{"<module>.B": (d, q), "<module>.A": (q, k)}``."""
+    return ArrayRecord({k: _to_array(v) for k, v in state.to_tensors().items()})
+
+
+def state_from_arrays(arrays: ArrayRecord, method: str) -> GlobalState:
+    """Inverse of :func:`state_to_arrays` (the server's own record: shapes are checked, values trusted)."""
+    return GlobalState.from_tensors(
+        {k: _decode("server", f"arrays[{k}]", v) for k, v in arrays.items()}, method
+    )
+
+
+# ------------------------------------------------------------------------------------------------- jobs
+def job_to_content(job: TrainJob) -> RecordDict:
+    """One train message's content: the job's factors and ids (``server-round`` is the job's round)."""
+    init, init_lora = factors_to_records(job.init)
+    content = RecordDict({"init": init, "init-lora": init_lora})
+    if job.frozen is not None:
+        content["frozen"], content["frozen-lora"] = factors_to_records(job.frozen)
+    content["config"] = ConfigRecord(
+        {
+            "server-round": int(job.round),
+            "client-id": job.client_id,
+            "seed": int(job.seed),
+            "freeze-A": job.freeze_A,
+        }
+    )
+    return content
+
+
+def job_from_content(content: RecordDict, node: int | str = "server") -> TrainJob:
+    """Rebuild the :class:`TrainJob` on the node (inverse of :func:`job_to_content`).
+
+    Raises:
+        ReplyError: the message is malformed (``node`` names the sender).
+    """
+    for key in ("init", "init-lora", "config"):
+        if key not in content:
+            raise ReplyError(node, key, "missing from the train message")
+    cfg = content["config"]
+    init = factors_from_records(content["init"], content["init-lora"], node, "init")
+    frozen = None
+    if "frozen" in content:
+        frozen = factors_from_records(content["frozen"], content["frozen-lora"], node, "frozen")
+    return TrainJob(
+        client_id=str(cfg["client-id"]),
+        round=int(cfg["server-round"]),
+        seed=int(cfg["seed"]),
+        init=init,
+        frozen=frozen,
+        freeze_A=bool(cfg.get("freeze-A", False)),
+    )
+
+
+def reply_content(result: TrainResult) -> RecordDict:
+    """A node's train reply: the trained factors, ``num-examples`` and the numeric training metrics."""
+    arrays, _ = factors_to_records(result.update.modules)
+    metrics = MetricRecord({"num-examples": int(result.update.num_examples)})
+    for key, value in result.metrics.items():
+        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+            metrics[key] = value
+    return RecordDict(
+        {"update": arrays, "metrics": metrics, "config": ConfigRecord({"client-id": result.update.client_id})}
+    )
+
+
+def update_from_reply(
+    content: RecordDict,
+    sent: Mapping[str, LoraFactors],
+    client_id: str,
+    node: int | str,
+    max_examples: int = MAX_EXAMPLES,
+) -> tuple[LoraUpdate, dict[str, float], int]:
+    """Decode and check a train reply against the factors that were sent to that node.
+
+    The update must have exactly the sent modules, ``A (r, k)`` and ``B (d, r)`` at the sent rank ``r`` and
+    shape, float dtype, finite values; ``num-examples`` must be an integer in ``[1, max_examples]``. Alphas
+    and rsLoRA are the sent ones (a node cannot change the scale its update is read with).
+
+    Args:
+        content: the reply's records.
+        sent: the factors the node was sent (``TrainJob.init``).
+        client_id: the client the job was for; ``""`` when the node trains on its own partition (then the
+            reply's ``client-id`` is taken).
+        node: the sender, for messages.
+        max_examples: the largest credible ``num-examples``.
+
+    Returns:
+        The update (``client_id`` set), the other metrics, and the tensor bytes received.
+
+    Raises:
+        ReplyError: naming the node and the field; the caller leaves the update out of the round.
+    """
+    if "update" not in content:
+        raise ReplyError(node, "update", "no ArrayRecord 'update' in the reply")
+    if "metrics" not in content:
+        raise ReplyError(node, "metrics", "no MetricRecord 'metrics' in the reply")
+    arrays, metrics = content["update"], content["metrics"]
+    if not isinstance(arrays, ArrayRecord):
+        raise ReplyError(node, "update", f"expected an ArrayRecord, got {type(arrays).__name__}")
+    if not isinstance(metrics, MetricRecord):
+        raise ReplyError(node, "metrics", f"expected a MetricRecord, got {type(metrics).__name__}")
+    claimed = content["config"].get("client-id") if isinstance(content.get("config"), ConfigRecord) else None
+    if client_id and claimed is not None and claimed != client_id:
+        raise ReplyError(
+            node, "config[client-id]", f"reply is for client {claimed!r}, {client_id!r} was sent"
+        )
+
+    n = metrics.get("num-examples")
+    if isinstance(n, float) and n.is_integer():
+        n = int(n)
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= max_examples:
+        raise ReplyError(
+            node, "metrics[num-examples]", f"must be an integer in [1, {max_examples}], got {n!r}"
+        )
+
+    _check_keys(node, "update", set(arrays), {f"{m}.{ab}" for m in sent for ab in "AB"})
+    modules, nbytes = {}, 0
+    for name, ref in sent.items():
+        A = _decode(node, f"update[{name}.A]", arrays[f"{name}.A"])
+        B = _decode(node, f"update[{name}.B]", arrays[f"{name}.B"])
+        for label, got, want in (("A", A, ref.A), ("B", B, ref.B)):
+            if tuple(got.shape) != tuple(want.shape):
+                raise ReplyError(
+                    node,
+                    f"update[{name}.{label}]",
+                    f"has shape {tuple(got.shape)}, expected {tuple(want.shape)} (rank {ref.rank} was sent)",
+                )
+        nbytes += _tensor_nbytes(A) + _tensor_nbytes(B)
+        modules[name] = LoraFactors(A, B, ref.alpha, ref.use_rslora)
+    others = {k: float(v) for k, v in metrics.items() if k != "num-examples" and isinstance(v, int | float)}
+    return LoraUpdate(modules, n, client_id or str(claimed or "")), others, nbytes
+
+
+# ------------------------------------------------------------------------------------------------ nodes
+@dataclass(frozen=True)
+class NodeDeclaration:
+    """What a node says about itself (from its ``--node-config``), answered to the server's query.
+
+    Args:
+        rank_type: its LoRA resources (``lora-rank=8`` or ``lora-rank-type=attn30-mlp200``); ``None``: the
+            server assigns one from the run's distribution.
+        client_id: the data partition it trains on (``client-id=...``); ``None``: any (simulation).
+        partition_id: Flower's ``partition-id`` (simulation sets it), used to place the distribution.
+    """
+
+    rank_type: RankType | None = None
+    client_id: str | None = None
+    partition_id: int | None = None
+
+    def to_record(self) -> ConfigRecord:
+        return ConfigRecord(
+            {
+                "lora-rank-type": self.rank_type.name if self.rank_type else "",
+                "lora-rank-attn": self.rank_type.attn if self.rank_type else 0,
+                "lora-rank-mlp": self.rank_type.mlp if self.rank_type else 0,
+                "client-id": self.client_id or "",
+                "partition-id": -1 if self.partition_id is None else self.partition_id,
+            }
+        )
+
+    @classmethod
+    def from_record(cls, record: ConfigRecord, node: int | str = "?") -> NodeDeclaration:
+        """Raises: ReplyError if the declared rank type is malformed."""
+        rank_type = None
+        if name := str(record.get("lora-rank-type", "")):
+            attn, mlp = int(record.get("lora-rank-attn", 0)), int(record.get("lora-rank-mlp", 0))
+            try:
+                rank_type = parse_rank_type(name) if attn <= 0 else RankType(name, attn, mlp)
+            except ValueError as exc:
+                raise ReplyError(node, "node[lora-rank-type]", str(exc)) from None
+            if rank_type.attn <= 0 or rank_type.mlp <= 0:
+                raise ReplyError(node, "node[lora-rank-type]", f"ranks must be positive, got {rank_type}")
+        pid = int(record.get("partition-id", -1))
+        return cls(rank_type, str(record.get("client-id", "")) or None, pid if pid >= 0 else None)
+
+
+def node_declaration(node_config: Mapping[str, object]) -> NodeDeclaration:
+    """Read a node's declaration from its node config: ``lora-rank`` (``8``, ``r30``) or ``lora-rank-type``
+    (``attn30-mlp200``), ``client-id``, and Flower's ``partition-id``.
+
+    Raises:
+        ValueError: naming the key, for a malformed rank or both rank keys given.
+    """
+    rank, rank_type = node_config.get("lora-rank"), node_config.get("lora-rank-type")
+    if rank is not None and rank_type is not None:
+        raise ValueError("node config: give lora-rank or lora-rank-type, not both")
+    spec = rank if rank is not None else rank_type
+    try:
+        parsed = None if spec is None else parse_rank_type(spec if isinstance(spec, int) else str(spec))
+    except ValueError as exc:
+        key = "lora-rank" if rank is not None else "lora-rank-type"
+        raise ValueError(f"node config {key}={spec!r}: {exc}") from None
+    client_id = node_config.get("client-id")
+    pid = node_config.get("partition-id")
+    return NodeDeclaration(
+        parsed, None if client_id is None else str(client_id), None if pid is None else int(pid)
+    )
