@@ -9,12 +9,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from flexlora.cli import aggregate
+from flexlora.cli import aggregate, run
 from flexlora.core.errors import AdapterError, AggregationError
 
 __all__ = ["main", "build_parser"]
 
-COMMANDS = (aggregate,)
+COMMANDS = (run, aggregate)
 USER_ERRORS = (AdapterError, AggregationError, ValueError, FileNotFoundError)
 
 

@@ -8,11 +8,12 @@ effective updates only; :func:`lora_scale` is the single place where the scale i
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["LoraFactors", "LoraUpdate", "LowRank", "lora_scale"]
+__all__ = ["LoraFactors", "LoraUpdate", "LowRank", "lora_scale", "factors_nbytes"]
 
 
 def lora_scale(alpha: float, rank: int, use_rslora: bool = False) -> float:
@@ -20,6 +21,11 @@ def lora_scale(alpha: float, rank: int, use_rslora: bool = False) -> float:
     if rank <= 0:
         return 0.0
     return alpha / math.sqrt(rank) if use_rslora else alpha / rank
+
+
+def factors_nbytes(factors: Mapping[str, LoraFactors]) -> int:
+    """Bytes of the ``A`` and ``B`` tensors of ``factors``: what crosses the wire for them."""
+    return sum(f.A.numel() * f.A.element_size() + f.B.numel() * f.B.element_size() for f in factors.values())
 
 
 @dataclass(frozen=True)

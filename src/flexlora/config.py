@@ -1,0 +1,241 @@
+"""Run configuration: typed dataclasses loaded from YAML, overridable with ``--set a.b=c``.
+
+Validation happens in one pass before any model is loaded: unknown keys, wrong types and bad values are
+all collected and reported together, each naming its key (``federation.rounds: expected int, got 'x'``).
+The resolved config is saved with every run and every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from flexlora.core.aggregators import AGGREGATORS
+from flexlora.core.ranks import DISTRIBUTIONS, parse_rank_type
+from flexlora.core.svd import SVD_ROUTES
+from flexlora.evaluation import EvalConfig
+from flexlora.training import TrainConfig
+
+__all__ = ["ConfigError", "ModelConfig", "DataConfig", "FederationConfig", "RunConfig", "load_config"]
+
+METHODS = (*AGGREGATORS, "fedit")
+HOMOGENEOUS_ONLY = ("fedavg", "fedit")
+
+
+class ConfigError(ValueError):
+    """One or more config keys are wrong; the message lists every one of them."""
+
+
+@dataclass
+class ModelConfig:
+    """Base model and LoRA placement. ``name``: ``smollm2`` (default), ``tiny``, or a local HF directory."""
+
+    name: str = "smollm2"
+    dtype: str = "float32"
+    device: str = "auto"
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    lora_alpha: float = 16.0
+    use_rslora: bool = False
+
+
+@dataclass
+class DataConfig:
+    """Where clients' data comes from and which clients are held out (never trained on).
+
+    ``num_heldout``: a count (>= 1) or a fraction (< 1) of the clients; ``heldout_ids`` overrides it.
+    ``max_clients``: cap on the training pool (None: every other client).
+    """
+
+    path: str = "synthetic"
+    format: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    num_heldout: int | float = 0.1
+    heldout_ids: list[str] | None = None
+    max_clients: int | None = None
+
+
+@dataclass
+class FederationConfig:
+    """The federation: method, client resources, rounds and evaluation schedule.
+
+    ``distribution``: ``homo``, ``uniform``, ``heavy-tail-light``, ``heavy-tail-strong``, ``normal``, or an
+    explicit list of rank types (``[r8, r200, attn30-mlp200]``). ``clients_per_round``: a count (>= 1) or a
+    fraction of the pool (< 1). ``min_clients``: valid updates needed for a round to count.
+    """
+
+    method: str = "flexlora"
+    svd: str = "auto"
+    sparsity_weighted: bool = False
+    distribution: str | list[str] = "heavy-tail-strong"
+    rounds: int = 10
+    clients_per_round: int | float = 8
+    min_clients: int = 1
+    seed: int = 0
+    engine: str = "local"
+    eval_every: int = 1
+    eval_clients: int | None = None
+    eval_trained_clients: int = 0
+
+
+@dataclass
+class RunConfig:
+    """Everything a run needs. ``output_dir/name`` is the run directory."""
+
+    name: str = "run"
+    output_dir: str = "runs"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------- loading and checking
+def _type_ok(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_type_ok(v, item) for v in value)
+    if origin is dict:
+        return isinstance(value, dict)
+    if origin is tuple:
+        return isinstance(value, list | tuple)
+    if origin is typing.Literal:
+        return value in typing.get_args(hint)
+    return isinstance(value, hint)
+
+
+def _build(cls: type, raw: Any, prefix: str, errors: list[str]) -> Any:
+    if not isinstance(raw, dict):
+        errors.append(f"{prefix or 'config'}: expected a mapping, got {raw!r}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in names:
+            errors.append(f"{prefix}{key}: unknown key (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in raw:
+            continue
+        hint, value = hints[f.name], raw[f.name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[f.name] = _build(hint, value, f"{prefix}{f.name}.", errors)
+        elif not _type_ok(value, hint):
+            errors.append(f"{prefix}{f.name}: expected {_hint_name(hint)}, got {value!r}")
+        else:
+            kwargs[f.name] = float(value) if hint is float else value
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as exc:  # __post_init__ checks of a section
+        errors.append(f"{prefix.rstrip('.') or 'config'}: {exc}")
+        return cls()
+
+
+def _hint_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def _check(cfg: RunConfig, errors: list[str]) -> None:
+    fed = cfg.federation
+    if fed.method not in METHODS:
+        errors.append(f"federation.method: {fed.method!r} is not one of {sorted(METHODS)}")
+    if fed.svd not in SVD_ROUTES:
+        errors.append(f"federation.svd: {fed.svd!r} is not one of {list(SVD_ROUTES)}")
+    if fed.engine not in ("local", "flower"):
+        errors.append(f"federation.engine: {fed.engine!r} is not one of ['flower', 'local']")
+    if isinstance(fed.distribution, str) and fed.distribution not in DISTRIBUTIONS:
+        errors.append(f"federation.distribution: {fed.distribution!r} is not one of {sorted(DISTRIBUTIONS)}")
+    if isinstance(fed.distribution, str):
+        homogeneous = fed.distribution == "homo"
+    else:
+        try:
+            homogeneous = len({parse_rank_type(t).name for t in fed.distribution}) == 1
+        except ValueError as exc:
+            errors.append(f"federation.distribution: {exc}")
+            homogeneous = True
+    if fed.method in HOMOGENEOUS_ONLY and not homogeneous:
+        errors.append(
+            f"federation.distribution: {fed.method} needs one rank for every client (use 'homo' or a one-type "
+            f"list), got {fed.distribution!r}"
+        )
+    for key in ("rounds", "min_clients", "eval_every"):
+        if getattr(fed, key) < 1:
+            errors.append(f"federation.{key}: must be >= 1, got {getattr(fed, key)}")
+    if fed.clients_per_round <= 0 or (
+        fed.clients_per_round > 1 and fed.clients_per_round != int(fed.clients_per_round)
+    ):
+        errors.append(
+            f"federation.clients_per_round: a fraction in (0, 1] or a whole count, got {fed.clients_per_round}"
+        )
+    if cfg.data.num_heldout < 0:
+        errors.append(f"data.num_heldout: must be >= 0, got {cfg.data.num_heldout}")
+    if cfg.model.dtype not in ("float32", "bfloat16", "float16"):
+        errors.append(f"model.dtype: {cfg.model.dtype!r} is not one of ['bfloat16', 'float16', 'float32']")
+    if not cfg.model.target_modules:
+        errors.append("model.target_modules: must name at least one module")
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b=c`` overrides (values parsed as YAML) to a nested dict; raises ConfigError if malformed."""
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected key=value")
+        node = raw
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {p} is not a section")
+        node[leaf] = yaml.safe_load(text)
+    return raw
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, raw: dict[str, Any] | None = None
+) -> RunConfig:
+    """Load a YAML config (or a dict, e.g. one saved with a run, or the defaults), apply overrides, and
+    validate everything at once.
+
+    Raises:
+        ConfigError: listing every bad key, one per line.
+    """
+    raw = dict(raw or {})
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        raw = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+    raw = apply_overrides(raw, overrides or [])
+    errors: list[str] = []
+    cfg = _build(RunConfig, raw, "", errors)
+    _check(cfg, errors)
+    if errors:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+    return cfg

@@ -1,0 +1,272 @@
+"""The round loop, written once and shared by every engine.
+
+Each round: sample clients (seeded by round) -> cut each client's payload at its own ranks -> the engine
+trains them -> validate and aggregate the updates -> evaluate on held-out clients -> checkpoint. Every
+random choice is a function of ``(seed, round, client)``, so methods compared at the same seed see the
+same clients, batches and initial ``A`` (paired schedules), and a resumed run replays exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+import zlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from flexlora.checkpoint import ServerState, save_checkpoint
+from flexlora.core.aggregators import Aggregator, GlobalState
+from flexlora.core.aggregators.base import exact_factors, leading_factors
+from flexlora.core.errors import AggregationError
+from flexlora.core.lora import LoraFactors
+from flexlora.core.ranks import RankType, module_ranks
+from flexlora.engines.base import Engine
+from flexlora.engines.jobs import TrainFailure, TrainJob, TrainResult
+
+__all__ = ["Federation", "FederationPlan", "derive_seed"]
+
+log = logging.getLogger(__name__)
+Evaluator = Callable[[dict[str, LoraFactors] | None], dict[str, Any]]
+
+
+def derive_seed(*parts: object) -> int:
+    """A stable 31-bit seed from any parts (``derive_seed(seed, round, client_id)``)."""
+    return zlib.crc32("/".join(map(str, parts)).encode()) & 0x7FFFFFFF
+
+
+@dataclass
+class FederationPlan:
+    """What the loop needs besides the engine: who takes part, at which ranks, for how long.
+
+    Args:
+        pool: ids of the clients that may be sampled for training.
+        rank_types: each pool client's resources.
+        shapes: ``(d, k)`` of every adapted module of the base model.
+        rounds, clients_per_round, min_clients, seed, eval_every: as in the config.
+        alpha, use_rslora: the LoRA scale every payload is cut for.
+    """
+
+    pool: list[str]
+    rank_types: dict[str, RankType]
+    shapes: dict[str, tuple[int, int]]
+    rounds: int
+    clients_per_round: float
+    min_clients: int
+    seed: int
+    alpha: float
+    use_rslora: bool = False
+    eval_every: int = 1
+
+    def ranks(self, client_id: str) -> dict[str, int]:
+        return module_ranks(self.rank_types[client_id], self.shapes)
+
+    def sample(self, round_: int) -> list[str]:
+        """Clients of a round: ``clients_per_round`` of the pool (a count, or a fraction if < 1)."""
+        k = self.clients_per_round
+        n = math.ceil(k * len(self.pool)) if k < 1 else min(int(k), len(self.pool))
+        return sorted(random.Random(derive_seed(self.seed, "sample", round_)).sample(self.pool, n))
+
+    def per_module_ranks(self, pick: Callable[..., int] = max) -> dict[str, int]:
+        """Per module, ``pick`` (max or min) of the ranks the pool's clients use; ``max`` is the width of
+        the initial state, ``min`` the smallest client's rank."""
+        per_type = [
+            module_ranks(t, self.shapes) for t in {t.name: t for t in self.rank_types.values()}.values()
+        ]
+        return {m: pick(r[m] for r in per_type) for m in self.shapes}
+
+
+class Federation:
+    """Runs rounds ``state.round + 1 ... plan.rounds`` and checkpoints after each.
+
+    Args:
+        plan: clients, ranks and schedule.
+        aggregator: the method.
+        engine: carries out each round's training jobs.
+        evaluate: called with the global adapter's exact factors (``None`` for the base model); returns
+            metrics such as ``rougeL``, ``loss``.
+        run_dir: where ``metrics.jsonl`` and ``checkpoint/`` go.
+        config: the resolved config, saved in every checkpoint.
+    """
+
+    def __init__(
+        self,
+        plan: FederationPlan,
+        aggregator: Aggregator,
+        engine: Engine,
+        evaluate: Evaluator,
+        run_dir: str | Path,
+        config: dict[str, Any],
+        progress: bool = True,
+    ):
+        self.plan, self.aggregator, self.engine, self.evaluate = plan, aggregator, engine, evaluate
+        self.run_dir, self.config, self.progress = Path(run_dir), config, progress
+
+    def initial_state(self) -> ServerState:
+        """Round 0: ``B = 0`` and a seeded ``A`` at each module's largest rank, shared by all methods."""
+        init = GlobalState.initial(
+            self.plan.shapes, self.plan.per_module_ranks(max), self.aggregator.name, self.plan.seed
+        )
+        assignment = {c: t.name for c, t in self.plan.rank_types.items()}
+        return ServerState(0, init, assignment)
+
+    # ---------------------------------------------------------------------------- one round
+    def jobs(self, state: ServerState, round_: int, clients: list[str]) -> list[TrainJob]:
+        """Each client's payload at its own ranks. FLoRA-style methods start a fresh adapter on top of the
+        (frozen) global update; FFA-LoRA freezes ``A``."""
+        plan, agg = self.plan, self.aggregator
+        jobs = []
+        for cid in clients:
+            ranks = plan.ranks(cid)
+            if agg.fresh_adapter_each_round:
+                fresh = GlobalState.initial(
+                    plan.shapes, ranks, agg.name, derive_seed(plan.seed, "fresh", round_)
+                )
+                init = leading_factors(fresh, ranks, plan.alpha, plan.use_rslora)
+                frozen = (
+                    agg.payload(state.global_state, ranks, plan.alpha, plan.use_rslora)
+                    if round_ > 1
+                    else None
+                )
+            else:
+                init = agg.payload(state.global_state, ranks, plan.alpha, plan.use_rslora)
+                frozen = None
+            jobs.append(
+                TrainJob(
+                    client_id=cid,
+                    round=round_,
+                    seed=derive_seed(plan.seed, "train", round_, cid),
+                    init=init,
+                    frozen=frozen,
+                    freeze_A=getattr(agg, "freeze_A", False),
+                )
+            )
+        return jobs
+
+    def run_round(self, state: ServerState) -> ServerState:
+        round_ = state.round + 1
+        t0 = time.perf_counter()
+        # ---------------------------------------------------------------- sample and train
+        clients = self.plan.sample(round_)
+        outcomes = self.engine.train(self.jobs(state, round_, clients))
+        results = [o for o in outcomes if isinstance(o, TrainResult)]
+        failures = [o for o in outcomes if isinstance(o, TrainFailure)]
+        for f in failures:
+            log.warning("round %d: client %s left out: %s", round_, f.client_id, f.reason)
+        t_train = time.perf_counter()
+        # ---------------------------------------------------------------- aggregate
+        if len(results) < self.plan.min_clients:
+            raise AggregationError(
+                f"round {round_}: {len(results)} valid updates, {self.plan.min_clients} needed "
+                f"({len(failures)} failed); the run stops at the last checkpoint (round {state.round})"
+            )
+        updates = [r.update for r in results]
+        new_global = self.aggregator.aggregate(updates, previous=state.global_state)
+        t_agg = time.perf_counter()
+        # ---------------------------------------------------------------- evaluate
+        metrics: dict[str, Any] = {
+            "round": round_,
+            "clients": clients,
+            "received": len(results),
+            "failures": {f.client_id: f.reason for f in failures},
+            "train_loss": _weighted_mean(results, "train_loss"),
+            "train_steps": sum(r.metrics.get("steps", 0) for r in results),
+        }
+        if round_ % self.plan.eval_every == 0 or round_ == self.plan.rounds:
+            metrics["eval"] = self.evaluate(exact_factors(new_global, self.plan.alpha, self.plan.use_rslora))
+        t_eval = time.perf_counter()
+        metrics["spectrum"] = spectrum_summary(new_global, self.plan)
+        sent, received = self.engine.bytes_moved()
+        metrics["bytes"] = {"sent": sent, "received": received}
+        # ---------------------------------------------------------------- checkpoint
+        new_state = ServerState(round_, new_global, state.assignment, [*state.metrics])
+        metrics["seconds"] = {
+            "train": t_train - t0,
+            "aggregate": t_agg - t_train,
+            "eval": t_eval - t_agg,
+            "client_train": sum(r.metrics.get("seconds", 0.0) for r in results),
+        }
+        t_ckpt = time.perf_counter()
+        new_state.metrics.append(metrics)
+        save_checkpoint(self.run_dir, new_state, self.config)
+        metrics["seconds"]["checkpoint"] = time.perf_counter() - t_ckpt
+        metrics["seconds"]["total"] = time.perf_counter() - t0
+        self.write_metrics(new_state.metrics)
+        return new_state
+
+    # ---------------------------------------------------------------------------- the loop
+    def run(self, state: ServerState | None = None) -> ServerState:
+        """Run from ``state`` (a fresh start when ``None``) to the last round."""
+        if state is None:
+            state = self.initial_state()
+            base = {"round": 0, "eval": self.evaluate(None)}
+            state.metrics.append(base)
+            save_checkpoint(self.run_dir, state, self.config)
+            self.write_metrics(state.metrics)
+        bar = tqdm(
+            total=self.plan.rounds,
+            initial=state.round,
+            desc="rounds",
+            unit="round",
+            disable=not self.progress,
+        )
+        while state.round < self.plan.rounds:
+            state = self.run_round(state)
+            bar.update(1)
+            tqdm.write(round_summary(state.metrics[-1]))
+        bar.close()
+        return state
+
+    def write_metrics(self, metrics: list[dict[str, Any]]) -> None:
+        """Rewrite ``metrics.jsonl`` from the checkpointed list (so a resume never duplicates lines)."""
+        path = self.run_dir / "metrics.jsonl"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(m) + "\n" for m in metrics))
+        tmp.replace(path)
+
+
+def _weighted_mean(results: list[TrainResult], key: str) -> float | None:
+    pairs = [(r.update.num_examples, r.metrics[key]) for r in results if key in r.metrics]
+    total = sum(n for n, _ in pairs)
+    return sum(n * v for n, v in pairs) / total if total else None
+
+
+def spectrum_summary(state: GlobalState, plan: FederationPlan, top: int = 16) -> dict[str, Any]:
+    """Leading singular values of ``dW`` (mean over layers, per module kind) and the share of its energy
+    beyond the smallest client rank (averaged over modules): how much a rank-``r_min`` client loses."""
+    smallest = plan.per_module_ranks(min)
+    by_kind: dict[str, list[torch.Tensor]] = {}
+    beyond = []
+    for name in state.modules:
+        S = state.singular_values(name).double()
+        energy = float((S**2).sum())
+        beyond.append(float((S[smallest[name] :] ** 2).sum()) / energy if energy > 0 else 0.0)
+        padded = torch.nn.functional.pad(S[:top], (0, max(0, top - len(S[:top]))))
+        by_kind.setdefault(name.rsplit(".", 1)[-1], []).append(padded)
+    return {
+        "top_singular_values": {k: torch.stack(v).mean(0).tolist() for k, v in sorted(by_kind.items())},
+        "energy_beyond_min_rank": sum(beyond) / len(beyond) if beyond else 0.0,
+    }
+
+
+def round_summary(m: Mapping[str, Any]) -> str:
+    """One readable line per round."""
+    parts = [
+        f"round {m['round']:>3}",
+        f"received {m.get('received', 0)}, {len(m.get('failures', {}))} failures",
+    ]
+    if m.get("train_loss") is not None:
+        parts.append(f"train loss {m['train_loss']:.4f}")
+    for key in ("loss", "rougeL", "proxy_rougeL"):
+        if m.get("eval", {}).get(key) is not None:
+            parts.append(f"eval {key} {m['eval'][key]:.3f}")
+    if "seconds" in m:
+        parts.append(f"{m['seconds']['total']:.1f}s")
+    return " | ".join(parts)

@@ -1,0 +1,214 @@
+"""The ``flexlora run`` recipe: build -> set up -> run -> clean up.
+
+Builds every component from a :class:`RunConfig` (data source, client split, rank assignment, base model
+with its LoRA host, aggregator, engine, evaluator), runs the federation, and writes the run directory:
+
+``config.yaml`` (resolved), ``run.json`` (seed, package versions, command), ``assignment.json`` (each client's
+rank type), ``metrics.jsonl`` (one line per round), ``checkpoint/`` (after every round), ``adapters/full``
+(the exact global update as a PEFT adapter) and ``adapters/<rank type>`` (what a client of that type
+receives), ``summary.json``, ``log.txt``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from flexlora.checkpoint import CHECKPOINT_DIR, load_checkpoint
+from flexlora.config import ConfigError, RunConfig, load_config
+from flexlora.core.adapter_io import write_adapter
+from flexlora.core.aggregators import make_aggregator
+from flexlora.core.aggregators.base import exact_factors
+from flexlora.core.ranks import assign_rank_types, module_ranks
+from flexlora.data import open_source
+from flexlora.data.splits import seeded_rng, split_clients
+from flexlora.federation import Federation, FederationPlan
+
+__all__ = ["RunResult", "run_federation", "resume_federation", "environment"]
+
+log = logging.getLogger("flexlora")
+PACKAGES = ("flexlora", "torch", "transformers", "peft", "flwr", "safetensors", "gguf", "rouge-score")
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    metrics: list[dict[str, Any]]
+
+    @property
+    def final(self) -> dict[str, Any]:
+        return self.metrics[-1]
+
+
+def environment() -> dict[str, Any]:
+    """Package versions and platform, saved with every run."""
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return {"python": sys.version.split()[0], "platform": platform.platform(), "packages": versions}
+
+
+def _aggregator(cfg: RunConfig):
+    method = cfg.federation.method
+    kwargs: dict[str, Any] = {}
+    if method == "flexlora":
+        kwargs["svd"] = cfg.federation.svd
+    elif method == "hetlora":
+        kwargs["sparsity_weighted"] = cfg.federation.sparsity_weighted
+    return make_aggregator(method, **kwargs)
+
+
+def _engine(cfg: RunConfig, host, tokenizer, source, progress: bool):
+    if cfg.federation.engine == "flower":
+        from flexlora.engines.flower.engine import simulation_engine
+
+        return simulation_engine(cfg)
+    from flexlora.engines.local import LocalEngine
+
+    return LocalEngine(host, tokenizer, source, cfg.train, progress=progress)
+
+
+def _setup_logging(run_dir: Path) -> logging.Handler:
+    handler = logging.FileHandler(run_dir / "log.txt")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    return handler
+
+
+def _execute(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool) -> RunResult:
+    from flexlora.evaluation import evaluate_clients
+    from flexlora.models import LoraHost, load_model
+
+    # ---------------------------------------------------------------- build
+    data = cfg.data
+    source = open_source(data.path, data.format, **data.options)
+    heldout_arg = {"heldout_ids": data.heldout_ids} if data.heldout_ids else {"num_heldout": data.num_heldout}
+    train_ids, heldout_ids = split_clients(source, seed=cfg.federation.seed, **heldout_arg)
+    if data.max_clients is not None and data.max_clients < len(train_ids):
+        train_ids = sorted(seeded_rng(cfg.federation.seed, "pool").sample(train_ids, data.max_clients))
+    types = assign_rank_types(len(train_ids), cfg.federation.distribution, cfg.federation.seed)
+    model, tokenizer = load_model(cfg.model.name, cfg.model.dtype, cfg.model.device, seed=cfg.federation.seed)
+    host = LoraHost(model, cfg.model.target_modules)
+    plan = FederationPlan(
+        pool=train_ids,
+        rank_types=dict(zip(train_ids, types, strict=True)),
+        shapes=host.shapes,
+        rounds=cfg.federation.rounds,
+        clients_per_round=cfg.federation.clients_per_round,
+        min_clients=cfg.federation.min_clients,
+        seed=cfg.federation.seed,
+        alpha=cfg.model.lora_alpha,
+        use_rslora=cfg.model.use_rslora,
+        eval_every=cfg.federation.eval_every,
+    )
+    eval_ids = heldout_ids[: cfg.federation.eval_clients] if cfg.federation.eval_clients else heldout_ids
+    trained_ids = train_ids[: cfg.federation.eval_trained_clients]
+
+    def evaluate(factors):
+        if factors is not None:
+            host.load(factors)
+        try:
+            out = evaluate_clients(host.model, tokenizer, map(source.load, eval_ids), "test", cfg.eval)
+            if trained_ids:
+                out["trained"] = evaluate_clients(
+                    host.model, tokenizer, map(source.load, trained_ids), "test", cfg.eval
+                )
+        finally:
+            host.unload()
+        return out
+
+    aggregator = _aggregator(cfg)
+    engine = _engine(cfg, host, tokenizer, source, progress)
+    log.info(
+        "method %r, engine %s, %d training clients, %d held out",
+        aggregator,
+        engine.name,
+        len(train_ids),
+        len(heldout_ids),
+    )
+    (run_dir / "assignment.json").write_text(
+        json.dumps({c: t.name for c, t in plan.rank_types.items()}, indent=1)
+    )
+    federation = Federation(plan, aggregator, engine, evaluate, run_dir, cfg.to_dict(), progress=progress)
+    # ---------------------------------------------------------------- run
+    state = None
+    if resume:
+        state, _ = load_checkpoint(run_dir)
+        log.info("resuming after round %d", state.round)
+    try:
+        state = federation.run(state)
+    finally:
+        engine.close()
+    # ---------------------------------------------------------------- outputs
+    adapters = run_dir / "adapters"
+    write_adapter(
+        adapters / "full", exact_factors(state.global_state, plan.alpha, plan.use_rslora), cfg.model.name
+    )
+    for rank_type in {t.name: t for t in types}.values():
+        factors = aggregator.payload(
+            state.global_state, module_ranks(rank_type, plan.shapes), plan.alpha, plan.use_rslora
+        )
+        write_adapter(adapters / rank_type.name, factors, cfg.model.name)
+    summary = {
+        "run_dir": str(run_dir),
+        "rounds": state.round,
+        "final": state.metrics[-1],
+        "initial": state.metrics[0],
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return RunResult(run_dir, state.metrics)
+
+
+def run_federation(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> RunResult:
+    """Start a new run in ``cfg.run_dir``.
+
+    Raises:
+        ConfigError: the run directory already holds a run (resume it, or pass ``overwrite``).
+    """
+    run_dir = cfg.run_dir
+    if (run_dir / CHECKPOINT_DIR).exists() and not overwrite:
+        raise ConfigError(f"{run_dir} already holds a run: resume it with --resume {run_dir}, or --overwrite")
+    if overwrite:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    info = {
+        "seed": cfg.federation.seed,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "argv": sys.argv,
+        **environment(),
+    }
+    (run_dir / "run.json").write_text(json.dumps(info, indent=1) + "\n")
+    handler = _setup_logging(run_dir)
+    try:
+        return _execute(cfg, run_dir, resume=False, progress=progress)
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+
+
+def resume_federation(run_dir: str | Path, progress: bool = True) -> RunResult:
+    """Continue an interrupted run from its last checkpoint, with the config it was started with."""
+    run_dir = Path(run_dir)
+    _, raw = load_checkpoint(run_dir)
+    cfg = load_config(raw=raw)
+    handler = _setup_logging(run_dir)
+    try:
+        return _execute(cfg, run_dir, resume=True, progress=progress)
+    finally:
+        log.removeHandler(handler)
+        handler.close()
