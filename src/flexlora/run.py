@@ -11,6 +11,7 @@ receives), ``summary.json``, ``log.txt``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import platform
@@ -132,6 +133,8 @@ def _execute(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool) -> Run
         return out
 
     aggregator = _aggregator(cfg)
+    if cfg.federation.method == "fedit":  # FedIT is FedAvg with AdamW as the local optimiser
+        cfg.train = dataclasses.replace(cfg.train, optimizer="adamw")
     engine = _engine(cfg, host, tokenizer, source, progress)
     log.info(
         "method %r, engine %s, %d training clients, %d held out",
