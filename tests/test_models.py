@@ -73,6 +73,12 @@ def merged_copy(base, *adapters):
     return merged
 
 
+def assert_close(got, want):
+    """Equal up to float32 rounding (merged weights and a LoRA side path round differently)."""
+    err = (got - want).abs().max().item()
+    assert err < 1e-4 * max(1.0, want.abs().max().item()), err
+
+
 IDS = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
 
 
@@ -165,8 +171,7 @@ def test_whole_model_matches_merged_weights_at_heterogeneous_ranks(tiny, pristin
     layer = dict(model.named_modules())["model.layers.1.mlp.down_proj"]
     assert layer.r["trainable"] == init["model.layers.1.mlp.down_proj"].rank
     assert layer.scaling["trainable"] == pytest.approx(init["model.layers.1.mlp.down_proj"].scale)
-    got, want = logits(model), logits(merged_copy(pristine, init))
-    assert (got - want).abs().max() < 1e-4 * want.abs().max(), (got - want).abs().max()
+    assert_close(logits(model), logits(merged_copy(pristine, init)))
 
 
 def test_export_round_trips_per_module_ranks_and_alphas(host):
@@ -221,7 +226,7 @@ def test_frozen_and_trainable_are_both_active_and_only_trainable_learns(tiny, pr
     train = random_factors({n: host.shapes[n] for n in q}, [2, 2], [4, 4], seed=1)
     frozen = random_factors(host.shapes, [3] * 14, [6] * 14, seed=2)  # covers more modules than `train`
     host.load(train, frozen=frozen)
-    assert torch.allclose(logits(model), logits(merged_copy(pristine, train, frozen)), atol=1e-5)
+    assert_close(logits(model), logits(merged_copy(pristine, train, frozen)))
     model(input_ids=IDS).logits.square().mean().backward()
     graded = {n for n, p in model.named_parameters() if p.grad is not None}
     assert graded == {f"{n}.lora_{ab}.trainable.weight" for n in q for ab in "AB"}
@@ -252,7 +257,7 @@ def test_load_replaces_the_previous_adapter_and_frees_it(tiny, pristine, host):
     gc.collect()
     assert old() is None
     assert len(list(model.parameters())) == n_params + 2 * 14
-    assert torch.allclose(logits(model), logits(merged_copy(pristine, second)), atol=1e-5)
+    assert_close(logits(model), logits(merged_copy(pristine, second)))
     host.unload()
     assert len(list(model.parameters())) == n_params
 
