@@ -1,0 +1,190 @@
+"""Rouge-L tokenisation, EvalConfig, and evaluate_clients on the tiny model against hand-computed values."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from rouge_score.rouge_scorer import RougeScorer
+
+from flexlora.data.examples import ClientData, ClientInfo, Example
+from flexlora.evaluation import (
+    EvalConfig,
+    RougeTokenizer,
+    evaluate_clients,
+    evaluate_examples,
+    rouge_l,
+    rouge_tokenize,
+)
+from flexlora.models import load_model
+from flexlora.prompts import encode_example, encode_prompt
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_model("tiny", device="cpu")
+
+
+def client(cid, category, outputs, split="test"):
+    examples = [Example(f"Task {cid}.", f"item {i}", out) for i, out in enumerate(outputs)]
+    return ClientData(ClientInfo(cid, cid, category, 0), **{split: examples})
+
+
+CLIENTS = [
+    client("a", "math", ["4", "seven", "a longer reference answer"]),
+    client("b", "translation", ["سلام دنیا", "नमस्ते"]),
+    client("c", "math", ["ok"]),
+]
+CFG = EvalConfig(batch_size=2, max_new_tokens=6, max_length=96)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Rouge
+
+
+def test_rouge_tokenize_keeps_every_script():
+    assert rouge_tokenize("Hello, World! 42") == ["hello", "world", "42"]
+    assert rouge_tokenize("سلام دنیا، چطوری؟") == ["سلام", "دنیا", "چطوری"]
+    assert rouge_tokenize("हिन्दी भाषा") == ["हिन्दी", "भाषा"]  # vowel signs stay in their words
+    assert rouge_tokenize("Привет мир") == ["привет", "мир"]
+    assert rouge_tokenize("我爱北京 ok") == ["我", "爱", "北", "京", "ok"]
+    assert rouge_tokenize("ＡＢＣ") == ["abc"]  # NFKC
+    assert rouge_tokenize(" ... ") == []
+
+
+def test_rouge_l_values():
+    assert rouge_l("a b c d", "a b c d") == 100.0
+    assert rouge_l("x y", "a b") == 0.0
+    assert rouge_l("a c d e", "a b c d") == pytest.approx(75.0)  # LCS 3 of 4 and 4
+    assert rouge_l("", "a") == 0.0
+    # rouge_score's own tokenizer drops non-Latin text entirely; ours scores it
+    assert RougeScorer(["rougeL"]).score("سلام دنیا", "سلام دنیا")["rougeL"].fmeasure == 0.0
+    assert rouge_l("سلام دنیا", "سلام دنیا") == 100.0
+    assert rouge_l("सलाम दुनिया", "नमस्ते दुनिया") == pytest.approx(50.0)
+    scorer = RougeScorer(["rougeL"], tokenizer=RougeTokenizer())
+    assert (
+        100 * scorer.score("我爱北京", "我爱上海")["rougeL"].fmeasure
+        == rouge_l("我爱上海", "我爱北京")
+        == 50.0
+    )
+
+
+def test_eval_config_validation():
+    EvalConfig()
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1, got 0"):
+        EvalConfig(batch_size=0)
+    with pytest.raises(ValueError, match="max_length=8, max_new_tokens=48"):
+        EvalConfig(max_length=8)
+    EvalConfig(max_length=8, generate=False)
+    with pytest.raises(ValueError) as err:
+        EvalConfig(max_examples_per_client=0, template="x")
+    assert "max_examples_per_client" in str(err.value) and "template" in str(err.value)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# evaluate
+
+
+def greedy(model, ids, steps, eos):
+    """Unbatched, unpadded greedy decoding, one full forward per token."""
+    ids = list(ids)
+    out = []
+    with torch.no_grad():
+        for _ in range(steps):
+            nxt = int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())
+            if nxt == eos:
+                break
+            out.append(nxt)
+            ids.append(nxt)
+    return out
+
+
+def test_scores_match_hand_computation(tiny):
+    model, tok = tiny
+    examples = [ex for c in CLIENTS for ex in c.test]
+    rows = evaluate_examples(model, tok, examples, CFG)
+    for ex, row in zip(examples, rows, strict=True):
+        enc = encode_example(tok, ex, CFG.max_length)
+        ids, labels = torch.tensor([enc["input_ids"]]), torch.tensor([enc["labels"]])
+        with torch.no_grad():
+            out = model(input_ids=ids, labels=labels)
+        assert row["loss"] == pytest.approx(out.loss.item(), rel=1e-4)
+        keep = labels[0, 1:] != -100
+        argmax = out.logits[0, :-1][keep].argmax(-1).tolist()
+        assert row["proxy_rougeL"] == rouge_l(tok.decode(argmax, skip_special_tokens=True).strip(), ex.output)
+        prompt = encode_prompt(tok, ex, CFG.max_length - CFG.max_new_tokens)
+        text = tok.decode(
+            greedy(model, prompt, CFG.max_new_tokens, tok.eos_token_id), skip_special_tokens=True
+        )
+        assert row["prediction"] == text.strip()  # batched with left padding == alone
+        assert row["rougeL"] == rouge_l(row["prediction"], ex.output)
+
+
+def test_summary_weights_examples_and_groups_categories(tiny):
+    model, tok = tiny
+    out = evaluate_clients(model, tok, CLIENTS, cfg=EvalConfig(**{**CFG.__dict__, "per_example": True}))
+    assert out["num_examples"] == 6 and out["num_clients"] == 3
+    assert set(out["per_category"]) == {"math", "translation"}
+    assert out["per_category"]["math"]["num_examples"] == 4
+    rows = out["per_example"]
+    assert [r["client_id"] for r in rows] == ["a", "a", "a", "b", "b", "c"]
+    for key in ("loss", "rougeL", "proxy_rougeL"):
+        assert out[key] == pytest.approx(sum(r[key] for r in rows) / 6)
+        by_cat = sum(v[key] * v["num_examples"] for v in out["per_category"].values()) / 6
+        assert out[key] == pytest.approx(by_cat)
+    assert 0 <= out["rougeL"] <= 100 and out["loss"] > 0
+
+
+def test_limits_splits_and_no_generation(tiny):
+    model, tok = tiny
+    model.train()
+    cfg = EvalConfig(max_examples_per_client=1, generate=False, max_length=96)
+    out = evaluate_clients(model, tok, CLIENTS, cfg=cfg)
+    assert model.training  # the mode is restored
+    model.eval()
+    assert out["num_examples"] == 3 and out["rougeL"] is None and "per_example" not in out
+    assert out["per_category"]["math"]["rougeL"] is None
+    train_only = [client("d", "x", ["y"], split="train")]
+    assert evaluate_clients(model, tok, train_only, "train", cfg)["num_examples"] == 1
+    with pytest.raises(ValueError, match="no 'test' examples"):
+        evaluate_clients(model, tok, train_only, "test", cfg)
+    with pytest.raises(ValueError, match="split"):
+        evaluate_clients(model, tok, CLIENTS, "dev", cfg)
+
+
+def test_a_trained_adapter_scores_better_and_unloading_restores_the_base(tiny):
+    from flexlora.core.lora import LoraFactors
+    from flexlora.engines.jobs import TrainJob
+    from flexlora.models import LoraHost
+    from flexlora.training import TrainConfig, run_train_job
+
+    model, tok = tiny
+    data = client("e", "echo", ["red red", "blue blue", "green green", "pink pink"], split="train")
+    data.test = data.train
+    cfg = EvalConfig(max_new_tokens=12, max_length=96)
+    base = evaluate_clients(model, tok, [data], cfg=cfg)
+    host = LoraHost(model)
+    init = {
+        n: LoraFactors(torch.randn(8, k) / k**0.5, torch.zeros(d, 8), 16.0)
+        for n, (d, k) in host.shapes.items()
+    }
+    job = TrainJob("e", 1, 0, init)
+    trained = run_train_job(host, tok, data, job, TrainConfig(steps=40, lr=1e-2, max_length=96))
+    host.load(trained.update.modules)
+    try:
+        tuned = evaluate_clients(model, tok, [data], cfg=cfg)
+    finally:
+        host.unload()
+    assert tuned["loss"] < 0.5 * base["loss"]
+    assert tuned["proxy_rougeL"] > base["proxy_rougeL"]
+    again = evaluate_clients(model, tok, [data], cfg=cfg)
+    assert {k: v for k, v in again.items() if k != "seconds"} == {
+        k: v for k, v in base.items() if k != "seconds"
+    }
