@@ -211,3 +211,17 @@ def test_bad_jobs_are_refused_and_leave_the_host_clean(tiny, host):
     with pytest.raises(ValueError, match="q_proj"):
         run_train_job(host, tok, DATA, TrainJob("c1", 1, 0, bad), FAST)
     assert not host.loaded
+
+
+def test_bf16_base_trains_float32_factors():
+    model, tok = load_model("tiny", dtype="bfloat16", device="cpu")
+    host = LoraHost(model)
+    init = init_factors(host)
+    host.load(init)
+    layer = dict(model.named_modules())["model.layers.0.self_attn.q_proj"]
+    assert layer.lora_A["trainable"].weight.dtype == torch.float32
+    assert layer.base_layer.weight.dtype == torch.bfloat16
+    host.unload()
+    result = run_train_job(host, tok, DATA, TrainJob("c1", 1, 0, init), FAST)
+    assert torch.isfinite(torch.tensor(result.metrics["train_loss"]))
+    assert all(f.B.dtype == torch.float32 and f.B.abs().sum() > 0 for f in result.update.modules.values())

@@ -446,6 +446,7 @@ class LoraHost:
                 0, or ``use_rslora`` mixed within one adapter. Nothing is changed on error.
         """
         from peft import LoraModel
+        from peft.functional import cast_adapter_dtype
 
         train_config = self._config(init, self.dropout, "trainable")
         frozen_config = self._config(frozen, 0.0, "frozen") if frozen else None
@@ -460,6 +461,8 @@ class LoraHost:
                 self._tuner.peft_config[self.FROZEN] = frozen_config
                 self._tuner.inject_adapter(self.model, self.FROZEN)
                 adapters.append(self.FROZEN)
+        for adapter in adapters:  # float32 factors on a bf16/fp16 base: the optimizer sees full precision
+            cast_adapter_dtype(self.model, adapter)
         self._tuner.set_adapter(adapters)  # both active in the forward pass ...
         self._copy_in(self.TRAIN, init)
         if frozen:
