@@ -127,6 +127,41 @@ def test_cache_dir_follows_environment(monkeypatch, tmp_path):
     assert cache_dir() == tmp_path / "flexlora"
 
 
+def test_smollm2_cache_is_written_once_atomically_and_renewed_when_stale(monkeypatch, tmp_path):
+    """The GGUF conversion, with the tiny model standing in for SmolLM2 (the real one takes 30 s)."""
+    import transformers
+
+    import flexlora.models as models
+
+    gguf = tmp_path / "pkg" / models.SMOLLM2_GGUF
+    gguf.parent.mkdir()
+    gguf.write_bytes(b"GGUF stand-in")
+    calls = []
+
+    def fake(kind):
+        def from_pretrained(path, gguf_file=None, **kwargs):
+            calls.append(kind)
+            assert gguf_file == gguf.name and path == gguf.parent
+            return models._tiny_model(0) if kind == "model" else models._tiny_tokenizer()
+
+        return from_pretrained
+
+    monkeypatch.setattr(models, "_smollm2_gguf", lambda: gguf)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fake("model"))
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", fake("tokenizer"))
+    monkeypatch.setenv("FLEXLORA_CACHE", str(tmp_path / "cache"))
+    path = models._smollm2_cache()
+    assert path == tmp_path / "cache" / "models" / gguf.stem
+    assert {"config.json", "model.safetensors", "tokenizer.json", models._CACHE_MARKER} <= {
+        p.name for p in path.iterdir()
+    }
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary directory left
+    assert models._smollm2_cache() == path and len(calls) == 2  # cached: no second conversion
+    gguf.write_bytes(b"GGUF stand-in, another version")
+    models._smollm2_cache()
+    assert len(calls) == 4  # the marker no longer matches the source: converted again
+
+
 def test_target_module_shapes(tiny):
     model, _ = tiny
     default = target_module_shapes(model)

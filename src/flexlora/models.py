@@ -214,6 +214,13 @@ def _smollm2_gguf() -> Path:
     raise FileNotFoundError(f"{SMOLLM2_GGUF} not found in package {SMOLLM2_PACKAGE!r}")
 
 
+def _cache_valid(path: Path, marker: dict) -> bool:
+    try:
+        return json.loads((path / _CACHE_MARKER).read_text()) == marker
+    except (OSError, ValueError):
+        return False
+
+
 def _smollm2_cache() -> Path:
     """The safetensors copy of SmolLM2, converting the packaged GGUF file the first time (written to a
     temporary directory and renamed into place, so a crash or a concurrent process never leaves a
@@ -221,11 +228,8 @@ def _smollm2_cache() -> Path:
     gguf = _smollm2_gguf()
     final = cache_dir() / "models" / gguf.stem
     marker = {"source": gguf.name, "source_bytes": gguf.stat().st_size}
-    try:
-        if json.loads((final / _CACHE_MARKER).read_text()) == marker:
-            return final
-    except (OSError, ValueError):
-        pass
+    if _cache_valid(final, marker):
+        return final
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     logger.info("converting %s to a safetensors cache at %s (once, about 30 s)", gguf, final)
@@ -244,14 +248,15 @@ def _smollm2_cache() -> Path:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / _CACHE_MARKER).write_text(json.dumps(marker))
-        if final.exists():  # stale or concurrently written: replace it
-            shutil.rmtree(final, ignore_errors=True)
-        try:
-            os.rename(tmp, final)
-        except OSError:  # another process renamed its copy first
-            if not (final / _CACHE_MARKER).is_file():
-                raise
+        (tmp / _CACHE_MARKER).write_text(json.dumps(marker))  # written last: marks a complete copy
+        if not _cache_valid(final, marker):  # else another process finished first: keep its copy
+            if final.exists():  # stale (other source file, or an interrupted run of an older version)
+                shutil.rmtree(final, ignore_errors=True)
+            try:
+                os.rename(tmp, final)
+            except OSError:  # another process renamed its copy in between
+                if not _cache_valid(final, marker):
+                    raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     logger.info("cached SmolLM2 in %.1f s", time.perf_counter() - start)
