@@ -339,6 +339,10 @@ class LoraHost:
         target_modules: last name components that may carry LoRA (see :func:`target_module_shapes`).
         dropout: LoRA dropout on the trainable adapter's input (0 = off).
 
+    Attributes:
+        model: the base model (LoRA layers inside it while an adapter is loaded).
+        shapes: ``{module path: (d, k)}`` of every target (see :func:`target_module_shapes`).
+
     Raises:
         ValueError: the model has no target module, or already carries PEFT layers.
 
