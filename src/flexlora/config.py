@@ -24,8 +24,9 @@ from flexlora.training import TrainConfig
 
 __all__ = ["ConfigError", "ModelConfig", "DataConfig", "FederationConfig", "RunConfig", "load_config"]
 
-METHODS = (*AGGREGATORS, "fedit")
-HOMOGENEOUS_ONLY = ("fedavg", "fedit")
+METHODS = (*AGGREGATORS, "fedit", "slora", "slora+flexlora")
+HOMOGENEOUS_ONLY = ("fedavg", "fedit", "slora")
+SLORA_METHODS = ("slora", "slora+flexlora")
 
 
 class ConfigError(ValueError):
@@ -67,6 +68,9 @@ class FederationConfig:
     ``distribution``: ``homo``, ``uniform``, ``heavy-tail-light``, ``heavy-tail-strong``, ``normal``, or an
     explicit list of rank types (``[r8, r200, attn30-mlp200]``). ``clients_per_round``: a count (>= 1) or a
     fraction of the pool (< 1). ``min_clients``: valid updates needed for a round to count.
+    ``slora_rounds``: the first rounds of ``slora`` / ``slora+flexlora`` that do sparse fine-tuning (stage 1,
+    :mod:`flexlora.slora`); ``slora_density``: mask density of every client (None: as many parameters as the
+    client's LoRA, ``r (d + k) / (d k)``); ``slora_lr``: stage-1 learning rate (None: ``train.lr``).
     """
 
     method: str = "flexlora"
@@ -81,6 +85,9 @@ class FederationConfig:
     eval_every: int = 1
     eval_clients: int | None = None
     eval_trained_clients: int = 0
+    slora_rounds: int = 2
+    slora_density: float | None = None
+    slora_lr: float | None = None
 
 
 @dataclass
@@ -191,6 +198,18 @@ def _check(cfg: RunConfig, errors: list[str]) -> None:
         errors.append(
             f"federation.clients_per_round: a fraction in (0, 1] or a whole count, got {fed.clients_per_round}"
         )
+    if fed.method in SLORA_METHODS:
+        if not 1 <= fed.slora_rounds < fed.rounds:
+            errors.append(
+                f"federation.slora_rounds: {fed.method} needs 1 <= slora_rounds < rounds ({fed.rounds}), "
+                f"got {fed.slora_rounds}"
+            )
+        if fed.engine != "local":
+            errors.append(f"federation.engine: {fed.method} runs its sparse stage on the local engine only")
+    if fed.slora_density is not None and not 0 < fed.slora_density <= 1:
+        errors.append(f"federation.slora_density: must be in (0, 1] or null, got {fed.slora_density}")
+    if fed.slora_lr is not None and not fed.slora_lr > 0:
+        errors.append(f"federation.slora_lr: must be > 0 or null, got {fed.slora_lr}")
     if cfg.data.num_heldout < 0:
         errors.append(f"data.num_heldout: must be >= 0, got {cfg.data.num_heldout}")
     if cfg.model.dtype not in ("float32", "bfloat16", "float16"):

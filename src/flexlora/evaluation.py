@@ -133,6 +133,8 @@ class EvalConfig:
         max_length: token budget of prompt + response (teacher forcing) and of prompt + new tokens
             (generation: prompts are trimmed to ``max_length - max_new_tokens``).
         per_example: also return every example's scores (for paired comparisons).
+        generate_final_only: with ``generate``, a federation generates (``rougeL``) at its last round only;
+            earlier evaluations take the loss and the proxy (generation is the slow part).
 
     Raises:
         ValueError: every invalid field at once, each named with its value.
@@ -145,6 +147,7 @@ class EvalConfig:
     template: str = DEFAULT_TEMPLATE
     max_length: int = 256
     per_example: bool = False
+    generate_final_only: bool = False
 
     def __post_init__(self) -> None:
         errors = []
@@ -288,9 +291,10 @@ def evaluate_clients(
         cfg: evaluation settings (default :class:`EvalConfig`).
 
     Returns:
-        ``{"rougeL", "loss", "proxy_rougeL", "num_examples", "num_clients", "per_category", "seconds"}``:
-        means over examples (``rougeL`` is ``None`` when ``cfg.generate`` is off); ``per_category`` maps each
-        category (the example's, else its client's) to ``{rougeL, loss, proxy_rougeL, num_examples}``. With
+        ``{"rougeL", "loss", "proxy_rougeL", "num_examples", "num_clients", "per_category", "per_client",
+        "seconds"}``: means over examples (``rougeL`` is ``None`` when ``cfg.generate`` is off);
+        ``per_category`` maps each category (the example's, else its client's) and ``per_client`` each client id
+        to ``{rougeL, loss, proxy_rougeL, num_examples}`` (paired tests over clients need the latter). With
         ``cfg.per_example``, also ``"per_example"``: one dict per example with ``client_id``, ``category``,
         the three scores and the ``prediction``.
 
@@ -313,11 +317,14 @@ def evaluate_clients(
     for row, (client_id, category) in zip(rows, owners, strict=True):
         row["client_id"], row["category"] = client_id, category
     by_category: dict[str, list[dict]] = {}
+    by_client: dict[str, list[dict]] = {}
     for row in rows:
         by_category.setdefault(row["category"], []).append(row)
+        by_client.setdefault(row["client_id"], []).append(row)
     result = _summary(rows)
     result["num_clients"] = num_clients
     result["per_category"] = {cat: _summary(group) for cat, group in sorted(by_category.items())}
+    result["per_client"] = {cid: _summary(group) for cid, group in by_client.items()}
     result["seconds"] = time.perf_counter() - start
     if cfg.per_example:
         result["per_example"] = rows

@@ -94,6 +94,9 @@ class Federation:
             metrics such as ``rougeL``, ``loss``.
         run_dir: where ``metrics.jsonl`` and ``checkpoint/`` go.
         config: the resolved config, saved in every checkpoint.
+        sparse_stage: SLoRA: runs the first ``sparse_stage.rounds`` rounds instead of the engine and the
+            aggregator (:class:`flexlora.slora.SparseStage`).
+        final_evaluate: evaluates the last round instead of ``evaluate`` (e.g. with generation).
     """
 
     def __init__(
@@ -105,9 +108,12 @@ class Federation:
         run_dir: str | Path,
         config: dict[str, Any],
         progress: bool = True,
+        sparse_stage: Any = None,
+        final_evaluate: Evaluator | None = None,
     ):
         self.plan, self.aggregator, self.engine, self.evaluate = plan, aggregator, engine, evaluate
         self.run_dir, self.config, self.progress = Path(run_dir), config, progress
+        self.sparse_stage, self.final_evaluate = sparse_stage, final_evaluate
 
     def initial_state(self) -> ServerState:
         """Round 0: ``B = 0`` and a seeded ``A`` at each module's largest rank, shared by all methods."""
@@ -155,7 +161,11 @@ class Federation:
         t0 = time.perf_counter()
         # ---------------------------------------------------------------- sample and train
         clients = self.plan.sample(round_)
-        outcomes = self.engine.train(self.jobs(state, round_, clients))
+        sparse = self.sparse_stage is not None and round_ <= self.sparse_stage.rounds  # SLoRA's stage 1
+        if sparse:
+            outcomes = self.sparse_stage.train(state.global_state, round_, clients)
+        else:
+            outcomes = self.engine.train(self.jobs(state, round_, clients))
         results = [o for o in outcomes if isinstance(o, TrainResult)]
         failures = [o for o in outcomes if isinstance(o, TrainFailure)]
         for f in failures:
@@ -168,7 +178,10 @@ class Federation:
                 f"({len(failures)} failed); the run stops at the last checkpoint (round {state.round})"
             )
         updates = [r.update for r in results]
-        new_global = self.aggregator.aggregate(updates, previous=state.global_state)
+        if sparse:
+            new_global = self.sparse_stage.aggregate(updates, state.global_state, round_)
+        else:
+            new_global = self.aggregator.aggregate(updates, previous=state.global_state)
         t_agg = time.perf_counter()
         # ---------------------------------------------------------------- evaluate
         metrics: dict[str, Any] = {
@@ -179,11 +192,15 @@ class Federation:
             "train_loss": _weighted_mean(results, "train_loss"),
             "train_steps": sum(r.metrics.get("steps", 0) for r in results),
         }
+        if sparse:
+            metrics["stage"] = "slora-sparse"
         if round_ % self.plan.eval_every == 0 or round_ == self.plan.rounds:
-            metrics["eval"] = self.evaluate(exact_factors(new_global, self.plan.alpha, self.plan.use_rslora))
+            final = round_ == self.plan.rounds and self.final_evaluate is not None
+            evaluate = self.final_evaluate if final else self.evaluate
+            metrics["eval"] = evaluate(exact_factors(new_global, self.plan.alpha, self.plan.use_rslora))
         t_eval = time.perf_counter()
         metrics["spectrum"] = spectrum_summary(new_global, self.plan)
-        sent, received = self.engine.bytes_moved()
+        sent, received = (self.sparse_stage if sparse else self.engine).bytes_moved()
         metrics["bytes"] = {"sent": sent, "received": received}
         # ---------------------------------------------------------------- checkpoint
         new_state = ServerState(round_, new_global, state.assignment, [*state.metrics])

@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 
 from flexlora.checkpoint import CHECKPOINT_DIR, load_checkpoint
-from flexlora.config import ConfigError, RunConfig, load_config
+from flexlora.config import SLORA_METHODS, ConfigError, RunConfig, load_config
 from flexlora.core.adapter_io import write_adapter
 from flexlora.core.aggregators import make_aggregator
 from flexlora.core.aggregators.base import exact_factors
@@ -63,7 +63,9 @@ def environment() -> dict[str, Any]:
 
 
 def _aggregator(cfg: RunConfig):
-    method = cfg.federation.method
+    # SLoRA's second stage: FedAvg at the homogeneous rank, or FlexLoRA with heterogeneous ranks
+    stage2 = {"slora": "fedavg", "slora+flexlora": "flexlora"}
+    method = stage2.get(cfg.federation.method, cfg.federation.method)
     kwargs: dict[str, Any] = {}
     if method == "flexlora":
         kwargs["svd"] = cfg.federation.svd
@@ -119,18 +121,22 @@ def _execute(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool) -> Run
     eval_ids = heldout_ids[: cfg.federation.eval_clients] if cfg.federation.eval_clients else heldout_ids
     trained_ids = train_ids[: cfg.federation.eval_trained_clients]
 
-    def evaluate(factors):
+    def evaluate(factors, generate: bool = cfg.eval.generate and not cfg.eval.generate_final_only):
+        eval_cfg = dataclasses.replace(cfg.eval, generate=generate)
         if factors is not None:
             host.load(factors)
         try:
-            out = evaluate_clients(host.model, tokenizer, map(source.load, eval_ids), "test", cfg.eval)
+            out = evaluate_clients(host.model, tokenizer, map(source.load, eval_ids), "test", eval_cfg)
             if trained_ids:
                 out["trained"] = evaluate_clients(
-                    host.model, tokenizer, map(source.load, trained_ids), "test", cfg.eval
+                    host.model, tokenizer, map(source.load, trained_ids), "test", eval_cfg
                 )
         finally:
             host.unload()
         return out
+
+    def final_evaluate(factors):
+        return evaluate(factors, generate=cfg.eval.generate)
 
     aggregator = _aggregator(cfg)
     if cfg.federation.method == "fedit":  # FedIT is FedAvg with AdamW as the local optimiser
@@ -146,7 +152,35 @@ def _execute(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool) -> Run
     (run_dir / "assignment.json").write_text(
         json.dumps({c: t.name for c, t in plan.rank_types.items()}, indent=1)
     )
-    federation = Federation(plan, aggregator, engine, evaluate, run_dir, cfg.to_dict(), progress=progress)
+    sparse_stage = None
+    if cfg.federation.method in SLORA_METHODS:
+        from flexlora.slora import SparseStage
+
+        sparse_stage = SparseStage(
+            host.model,
+            tokenizer,
+            source,
+            cfg.train,
+            {c: plan.ranks(c) for c in plan.pool},
+            plan.per_module_ranks(max),
+            cfg.federation.slora_rounds,
+            seed=cfg.federation.seed,
+            density=cfg.federation.slora_density,
+            lr=cfg.federation.slora_lr,
+            progress=progress,
+        )
+        log.info("SLoRA stage 1: %s", sparse_stage.hyperparameters())
+    federation = Federation(
+        plan,
+        aggregator,
+        engine,
+        evaluate,
+        run_dir,
+        cfg.to_dict(),
+        progress=progress,
+        sparse_stage=sparse_stage,
+        final_evaluate=final_evaluate if cfg.eval.generate_final_only else None,
+    )
     # ---------------------------------------------------------------- run
     state = None
     if resume:
