@@ -6,7 +6,15 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["plot_metric_by_round", "eval_series"]
+__all__ = [
+    "comparison_plots",
+    "eval_series",
+    "plot_energy_beyond_min_rank",
+    "plot_improvement_by_category",
+    "plot_metric_by_round",
+    "plot_metric_by_round_grid",
+    "plot_spectrum_by_round",
+]
 
 
 def eval_series(metrics: Sequence[Mapping[str, Any]], key: str) -> tuple[list[int], list[float]]:
@@ -39,3 +47,185 @@ def plot_metric_by_round(
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+# ---------------------------------------------------------------------------------------------- comparisons
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
+
+
+def _by_distribution(records: Sequence[Any]) -> tuple[list[str], dict[str, list[Any]]]:
+    """Heterogeneous distributions (each subplot), and the homogeneous runs shown in every subplot."""
+    dists = sorted({r.distribution for r in records if r.distribution != "homo" and "@" not in r.label})
+    groups: dict[str, list[Any]] = {d: [] for d in dists or ["homo"]}
+    for r in records:
+        targets = [r.distribution] if r.distribution in groups else list(groups)
+        for d in targets:
+            groups[d].append(r)
+    return list(groups), groups
+
+
+def _mean_by_round(runs: Sequence[Any], value) -> tuple[list[int], list[float], list[float]]:
+    per_round: dict[int, list[float]] = {}
+    for run in runs:
+        for m in run.metrics:
+            v = value(m)
+            if v is not None:
+                per_round.setdefault(m["round"], []).append(v)
+    rounds = sorted(r for r, v in per_round.items() if len(v) == len(runs))
+    means = [sum(per_round[r]) / len(per_round[r]) for r in rounds]
+    sds = []
+    for r, m in zip(rounds, means, strict=True):
+        v = per_round[r]
+        sds.append((sum((x - m) ** 2 for x in v) / (len(v) - 1)) ** 0.5 if len(v) > 1 else 0.0)
+    return rounds, means, sds
+
+
+def _grid(n: int, width: float = 5.0, height: float = 3.8):
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, n, figsize=(width * n, height), dpi=110, squeeze=False)
+    return fig, list(axes[0])
+
+
+def _lines_by_label(ax, runs: Sequence[Any], value, ylabel: str) -> None:
+    labels: dict[str, list[Any]] = {}
+    for r in runs:
+        labels.setdefault(r.label, []).append(r)
+    for label, group in labels.items():
+        rounds, means, sds = _mean_by_round(group, value)
+        if not rounds:
+            continue
+        homo = group[0].distribution == "homo" or "@" in label
+        (line,) = ax.plot(
+            rounds, means, marker=".", ls="--" if homo else "-", label=f"{label} (n={len(group)})"
+        )
+        if len(group) > 1:
+            lo = [m - s for m, s in zip(means, sds, strict=True)]
+            hi = [m + s for m, s in zip(means, sds, strict=True)]
+            ax.fill_between(rounds, lo, hi, color=line.get_color(), alpha=0.12)
+    ax.set_xlabel("round")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+
+
+def plot_metric_by_round_grid(records: Sequence[Any], key: str, path: str | Path) -> Path:
+    """Held-out ``eval[key]`` by round: one subplot per distribution, one line per method (mean over seeds,
+    band = SD); homogeneous baselines (dashed) appear in every subplot."""
+    dists, groups = _by_distribution(records)
+    fig, axes = _grid(len(dists))
+    for ax, dist in zip(axes, dists, strict=True):
+        _lines_by_label(ax, groups[dist], lambda m: m.get("eval", {}).get(key), key)
+        ax.set_title(f"{key}, held-out clients: {dist}", fontsize=9)
+    return _save(fig, Path(path))
+
+
+def plot_energy_beyond_min_rank(records: Sequence[Any], path: str | Path) -> Path:
+    """Share of the aggregate's energy beyond the smallest client rank, by round (mean over modules and
+    seeds): what a rank-r_min client loses, the 'rank collapse' measure."""
+    dists, groups = _by_distribution(records)
+    fig, axes = _grid(len(dists))
+    for ax, dist in zip(axes, dists, strict=True):
+        _lines_by_label(
+            ax, groups[dist], lambda m: m.get("spectrum", {}).get("energy_beyond_min_rank"), "energy share"
+        )
+        ax.set_title(f"energy beyond the smallest rank: {dist}", fontsize=9)
+    return _save(fig, Path(path))
+
+
+def plot_spectrum_by_round(records: Sequence[Any], path: str | Path, kind: str | None = None) -> Path:
+    """Leading singular values of the aggregate ``dW`` (mean over layers) of module ``kind``, one subplot per
+    (method, distribution) at its lowest seed, one line per round (dark: early, light: late)."""
+    plt = _pyplot()
+    chosen: dict[tuple[str, str], Any] = {}
+    for r in sorted(records, key=lambda r: r.seed):
+        chosen.setdefault((r.label, r.distribution), r)
+    keys = sorted(chosen)
+    cols = min(4, len(keys))
+    rows = -(-len(keys) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.3 * rows), dpi=110, squeeze=False)
+    for ax, key in zip(axes.flat, keys, strict=False):
+        run = chosen[key]
+        spectra = [(m["round"], m["spectrum"]["top_singular_values"]) for m in run.metrics if "spectrum" in m]
+        if not spectra:
+            ax.set_visible(False)
+            continue
+        k = kind if kind in spectra[-1][1] else sorted(spectra[-1][1])[0]
+        cmap = plt.get_cmap("viridis")
+        for i, (rnd, sv) in enumerate(spectra):
+            values = sv[k]
+            ax.plot(
+                range(1, len(values) + 1),
+                values,
+                color=cmap(i / max(1, len(spectra) - 1)),
+                lw=1,
+                label=f"r{rnd}" if i in (0, len(spectra) - 1) else None,
+            )
+        ax.set_yscale("symlog", linthresh=1e-4)
+        ax.set_title(f"{key[0]} / {key[1]} (seed {run.seed}), {k}", fontsize=8)
+        ax.set_xlabel("singular value index")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(keys) :]:
+        ax.set_visible(False)
+    return _save(fig, Path(path))
+
+
+def plot_improvement_by_category(rows: Sequence[Any], metric: str, path: str | Path) -> Path:
+    """Relative improvement (%) over the paired homogeneous baseline per task category (mean over seeds of
+    the held-out clients of that category): one subplot per distribution, one bar per method."""
+    plt = _pyplot()
+    rows = [r for r in rows if r.category_rel.get(metric)]
+    dists = sorted({r.distribution for r in rows}) or ["-"]
+    cats = sorted({c for r in rows for c in r.category_rel[metric]})
+    height = max(3.5, 0.22 * len(cats) * max(1, len({r.label for r in rows})) ** 0.5 + 1.5)
+    fig, axes = plt.subplots(
+        1, len(dists), figsize=(5.5 * len(dists), height), dpi=110, squeeze=False, sharey=True
+    )
+    for ax, dist in zip(axes[0], dists, strict=True):
+        group = [r for r in rows if r.distribution == dist]
+        width = 0.8 / max(1, len(group))
+        for j, r in enumerate(group):
+            ys = [i + j * width for i in range(len(cats))]
+            ax.barh(ys, [r.category_rel[metric].get(c, 0.0) for c in cats], height=width, label=r.label)
+        ax.set_yticks([i + 0.4 - width / 2 for i in range(len(cats))])
+        ax.set_yticklabels([c[:40] for c in cats], fontsize=6)
+        ax.axvline(0, color="k", lw=0.6)
+        ax.set_xlabel(f"relative improvement in {metric} (%)")
+        ax.set_title(f"by category: {dist}", fontsize=9)
+        ax.grid(alpha=0.3, axis="x")
+        ax.legend(fontsize=7)
+    return _save(fig, Path(path))
+
+
+def comparison_plots(records: Sequence[Any], rows: Sequence[Any], out: str | Path) -> list[Path]:
+    """Every plot of a comparison report (see :mod:`flexlora.report`), written under ``out``."""
+    out = Path(out)
+    paths = []
+    for key in ("loss", "proxy_rougeL", "rougeL"):
+        if any(m.get("eval", {}).get(key) is not None for r in records for m in r.metrics if m.get("round")):
+            paths.append(plot_metric_by_round_grid(records, key, out / f"{key}_by_round.png"))
+    for metric in ("loss", "rougeL"):
+        if any(r.category_rel.get(metric) for r in rows):
+            paths.append(
+                plot_improvement_by_category(rows, metric, out / f"improvement_by_category_{metric}.png")
+            )
+    if any("spectrum" in m for r in records for m in r.metrics):
+        paths.append(plot_spectrum_by_round(records, out / "spectrum_by_round.png"))
+        paths.append(plot_energy_beyond_min_rank(records, out / "energy_beyond_min_rank.png"))
+    return paths

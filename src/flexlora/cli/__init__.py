@@ -9,12 +9,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from flexlora.cli import aggregate, evaluate, run
+from flexlora.cli import aggregate, compare, evaluate, report, run
 from flexlora.core.errors import AdapterError, AggregationError
 
 __all__ = ["main", "build_parser"]
 
-COMMANDS = (run, evaluate, aggregate)
+COMMANDS = (run, evaluate, aggregate, compare, report)
 USER_ERRORS = (AdapterError, AggregationError, ValueError, FileNotFoundError)
 
 

@@ -1,0 +1,43 @@
+"""``flexlora report``: tables and plots from finished runs.
+
+flexlora report RUN_DIR... [--out DIR] [--baseline fedit] [--last N] [--no-plots]
+
+RUN_DIR is a run directory, or any directory holding runs (a ``flexlora compare`` output). Unfinished runs
+are left out. Writes ``results.md``, ``results.csv``, ``per_category.csv`` and the PNG plots to ``--out``
+(default: the first RUN_DIR's ``report/``) and prints the Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+__all__ = ["add_parser", "run"]
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="tables and plots from finished runs", description=__doc__)
+    p.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR", help="run directories or their parents")
+    p.add_argument("--out", type=Path, help="output directory (default: FIRST_RUN_DIR/report)")
+    p.add_argument("--baseline", default="fedit", help="homogeneous baseline of heterogeneous methods")
+    p.add_argument("--last", type=int, default=1, help="average each metric over the last N evaluations")
+    p.add_argument("--no-plots", action="store_true", help="tables only")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from flexlora.report import build_report
+
+    if args.last < 1:
+        raise ValueError(f"--last must be >= 1, got {args.last}")
+    missing = [str(p) for p in args.runs if not p.is_dir()]
+    if missing:
+        raise FileNotFoundError(f"not a directory: {', '.join(missing)}")
+    out = args.out or args.runs[0] / "report"
+    report = build_report(args.runs, out, baseline=args.baseline, last=args.last, plots=not args.no_plots)
+    print((out / "results.md").read_text(), end="")
+    planned = f" of {report['planned']} planned" if report["planned"] else ""
+    print(f"\n{report['runs']} finished runs{planned}; files in {out}:")
+    for path in report["files"]:
+        print(f"  {path}")
+    return 0

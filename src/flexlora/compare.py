@@ -1,0 +1,371 @@
+"""The paper's comparison: a grid of methods x client-resource distributions x seeds, run cell by cell.
+
+Cells (:func:`plan_cells`):
+
+* heterogeneous methods (``flexlora``, ``hetlora``, ``flora``, ``ffa``, ``slora+flexlora``) run under every
+  listed distribution other than ``homo``; ``flexlora`` also runs under ``homo`` when it is listed (all
+  clients at r8 with the SVD rule: the control that separates the aggregation rule from the ranks);
+* homogeneous methods (``fedavg``, ``fedit``, ``slora``) run at ``homo`` (every client at r8): the paper's
+  "Homo Rank" baselines, whatever the distributions;
+* ``METHOD@RANK`` runs a homogeneous method with every client at that rank type (``fedit@r200``; ``@max`` is
+  the largest of the paper's types, r200): the upper reference.
+
+Every cell is an ordinary run directory, ``OUT/cells/<label>/<distribution>/seed<s>``, made from one base
+config plus the cell's keys (``federation.method``, ``federation.distribution``, ``federation.seed``) and any
+per-method overrides (e.g. ``fedavg: [train.optimizer=sgd, train.lr=0.05]``). At the same seed every cell
+shares the held-out split, the rank assignment's placement, the sampled clients, the batches and the initial
+``A`` (paired schedules). Re-running the comparison reuses finished cells, resumes interrupted ones from
+their checkpoint and starts the rest; a cell whose saved config differs from the planned one is refused
+rather than mixed in. ``OUT/plan.json`` lists the cells, ``OUT/progress.md`` shows where each one stands.
+
+A base config may carry a top-level ``compare:`` section (``methods``, ``distributions``, ``seeds``,
+``method_overrides``, ``out``) that :func:`load_comparison` separates from the run config; command-line
+options override it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from flexlora.config import ConfigError, RunConfig, load_config
+from flexlora.core.ranks import DISTRIBUTIONS, RANK_TYPES, parse_rank_type
+
+__all__ = [
+    "Cell",
+    "Comparison",
+    "DEFAULT_DISTRIBUTIONS",
+    "DEFAULT_METHODS",
+    "HETEROGENEOUS",
+    "HOMOGENEOUS",
+    "cell_state",
+    "load_comparison",
+    "plan_cells",
+    "progress_table",
+    "run_comparison",
+]
+
+log = logging.getLogger("flexlora")
+
+HETEROGENEOUS = ("flexlora", "hetlora", "flora", "ffa", "slora+flexlora")
+HOMOGENEOUS = ("fedavg", "fedit", "slora")
+HOMO_CONTROLS = ("flexlora",)  # heterogeneous methods also run under `homo` when it is listed
+DEFAULT_METHODS = (*HETEROGENEOUS, *HOMOGENEOUS, "fedavg@max", "fedit@max", "slora@max")
+DEFAULT_DISTRIBUTIONS = ("homo", "uniform", "heavy-tail-strong")
+LARGEST = max(RANK_TYPES.values(), key=lambda t: (t.attn + t.mlp, t.name)).name  # r200
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run of the grid: ``label`` (a method, or ``METHOD@RANK``), its distribution and seed."""
+
+    label: str
+    method: str
+    distribution: str
+    seed: int
+    overrides: tuple[str, ...] = ()
+
+    @property
+    def key(self) -> str:
+        """``label/distribution/seed<s>``: the cell's path under ``OUT/cells``."""
+        return f"{self.label}/{self.distribution}/seed{self.seed}"
+
+    def run_config(self, base: Mapping[str, Any], out: Path, extra: Sequence[str] = ()) -> RunConfig:
+        """The cell's config: ``base`` plus ``extra`` (global overrides), the cell's keys and its overrides."""
+        dist = self.distribution if self.distribution in DISTRIBUTIONS else f"[{self.distribution}]"
+        keys = [
+            f"output_dir={out / 'cells' / self.label / self.distribution}",
+            f"name=seed{self.seed}",
+            f"federation.method={self.method}",
+            f"federation.distribution={dist}",
+            f"federation.seed={self.seed}",
+        ]
+        try:
+            return load_config(raw=copy.deepcopy(dict(base)), overrides=[*extra, *keys, *self.overrides])
+        except ConfigError as exc:
+            raise ConfigError(f"cell {self.key}: {exc}") from None
+
+
+def _parse_method(spec: str) -> tuple[str, str | None]:
+    method, _, rank = spec.partition("@")
+    if method not in (*HETEROGENEOUS, *HOMOGENEOUS):
+        raise ValueError(
+            f"unknown method {method!r} in {spec!r}: use one of {[*HETEROGENEOUS, *HOMOGENEOUS]}"
+        )
+    if not rank:
+        return method, None
+    if method not in HOMOGENEOUS:
+        raise ValueError(f"{spec!r}: only homogeneous methods {list(HOMOGENEOUS)} take @RANK")
+    return method, parse_rank_type(LARGEST if rank == "max" else rank).name
+
+
+def plan_cells(
+    methods: Sequence[str] = DEFAULT_METHODS,
+    distributions: Sequence[str] = DEFAULT_DISTRIBUTIONS,
+    seeds: Sequence[int] = (0, 1, 2),
+    method_overrides: Mapping[str, Sequence[str]] | None = None,
+    order: str = "method",
+) -> list[Cell]:
+    """The grid's cells (rules in the module doc), method-major (``order="method"``: all seeds of the first
+    method first, so an interrupted grid still holds complete methods) or seed-major (``"seed"``).
+
+    ``method_overrides`` maps a label (``fedit@r200``) or a method (``fedavg``, which also covers
+    ``fedavg@r200``) to ``--set``-style overrides for its cells; the label's come after the method's.
+
+    Raises:
+        ValueError: an unknown method, distribution or order, or no cell at all.
+    """
+    overrides = {k: tuple(v) for k, v in (method_overrides or {}).items()}
+    for dist in distributions:
+        if dist not in DISTRIBUTIONS:
+            raise ValueError(f"unknown distribution {dist!r}: use one of {sorted(DISTRIBUTIONS)}")
+    if order not in ("method", "seed"):
+        raise ValueError(f"order must be 'method' or 'seed', got {order!r}")
+    unknown = [k for k in overrides if _parse_method(k)[0] not in (*HETEROGENEOUS, *HOMOGENEOUS)]
+    if unknown:
+        raise ValueError(f"method_overrides: unknown method {unknown[0]!r}")
+    groups: list[list[Cell]] = []
+    seen = set()
+    for spec in methods:
+        method, rank = _parse_method(spec)
+        label = f"{method}@{rank}" if rank else method
+        if label in seen:
+            continue
+        seen.add(label)
+        if rank:
+            dists = [rank]
+        elif method in HOMOGENEOUS:
+            dists = ["homo"]
+        else:
+            dists = [d for d in distributions if d != "homo" or method in HOMO_CONTROLS]
+        extra = overrides.get(method, ()) + (overrides.get(label, ()) if label != method else ())
+        for dist in dists:
+            groups.append([Cell(label, method, dist, s, extra) for s in seeds])
+    cells = (
+        [c for g in groups for c in g]
+        if order == "method"
+        else [g[i] for i in range(len(seeds)) for g in groups]
+    )
+    if not cells:
+        raise ValueError("the comparison has no cell: give at least one method and one seed")
+    return cells
+
+
+# ---------------------------------------------------------------------------------------------- state
+def cell_state(run_dir: Path, rounds: int) -> str:
+    """``done`` (``summary.json`` after the last round), ``partial`` (a checkpoint to resume), ``started``
+    (a directory without checkpoint: restart) or ``todo``."""
+    if (run_dir / "summary.json").is_file():
+        try:
+            if json.loads((run_dir / "summary.json").read_text()).get("rounds") == rounds:
+                return "done"
+        except json.JSONDecodeError:
+            pass
+    if (run_dir / "checkpoint" / "server.json").is_file():
+        return "partial"
+    return "started" if run_dir.exists() else "todo"
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping) and k != "options":
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_differences(saved: Mapping[str, Any], planned: Mapping[str, Any]) -> list[str]:
+    """Keys whose values differ between two config dicts (``a.b: saved -> planned``)."""
+    a, b = _flatten(saved), _flatten(planned)
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def _records(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def progress_table(cells: Sequence[Cell], out: Path, rounds: Mapping[Cell, int]) -> str:
+    """A Markdown table of every cell: state, rounds done, last held-out loss, seconds per round, and at the
+    end the cells done and an estimate of the time left (from the mean seconds per round so far)."""
+    lines = [
+        "| # | cell | state | rounds | last eval loss | s/round |",
+        "|---|---|---|---|---|---|",
+    ]
+    done = 0
+    spent, rounds_done, rounds_left = 0.0, 0, 0
+    for i, cell in enumerate(cells, 1):
+        run_dir = out / "cells" / cell.key
+        state = cell_state(run_dir, rounds[cell])
+        records = _records(run_dir)
+        n = max((m["round"] for m in records), default=0)
+        # a resumed run's checkpointed rounds lack "total" (it is measured after the checkpoint is written)
+        secs = [
+            m["seconds"].get("total", sum(m["seconds"].get(k, 0.0) for k in ("train", "aggregate", "eval")))
+            for m in records
+            if "seconds" in m
+        ]
+        evals = [m["eval"]["loss"] for m in records if m.get("eval", {}).get("loss") is not None]
+        done += state == "done"
+        spent += sum(secs)
+        rounds_done += len(secs)
+        rounds_left += rounds[cell] - n
+        per = f"{sum(secs) / len(secs):.0f}" if secs else ""
+        last = f"{evals[-1]:.4f}" if evals else ""
+        lines.append(f"| {i} | {cell.key} | {state} | {n}/{rounds[cell]} | {last} | {per} |")
+    eta = spent / rounds_done * rounds_left / 3600 if rounds_done else float("nan")
+    lines.append("")
+    lines.append(
+        f"{done}/{len(cells)} cells done; {rounds_left} rounds left, about {eta:.1f} h at the mean pace so far."
+    )
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------- running
+@dataclass
+class Comparison:
+    """A planned comparison: the base config (a dict), the cells, where they go, global overrides."""
+
+    base: dict[str, Any]
+    cells: list[Cell]
+    out: Path
+    overrides: list[str] = field(default_factory=list)
+
+    def configs(self) -> dict[Cell, RunConfig]:
+        """Every cell's config, all validated before anything runs (errors listed together)."""
+        out, errors = {}, []
+        for cell in self.cells:
+            try:
+                out[cell] = cell.run_config(self.base, self.out, self.overrides)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        if errors:
+            raise ConfigError("\n".join(errors))
+        return out
+
+    def progress(self) -> str:
+        return progress_table(
+            self.cells, self.out, {c: cfg.federation.rounds for c, cfg in self.configs().items()}
+        )
+
+    def write_plan(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        plan = {
+            "cells": [asdict(c) | {"key": c.key} for c in self.cells],
+            "overrides": self.overrides,
+            "base": self.base,
+        }
+        (self.out / "plan.json").write_text(json.dumps(plan, indent=1) + "\n")
+
+
+def load_comparison(
+    path: str | Path,
+    methods: Sequence[str] | None = None,
+    distributions: Sequence[str] | None = None,
+    seeds: Sequence[int] | None = None,
+    out: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    order: str | None = None,
+) -> Comparison:
+    """Read a base config with an optional ``compare:`` section; arguments given here take precedence.
+
+    Raises:
+        ConfigError: a bad ``compare`` section, or any cell's config is invalid (all listed at once).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    section = raw.pop("compare", None) or {}
+    known = {"methods", "distributions", "seeds", "method_overrides", "out", "order"}
+    if not isinstance(section, dict) or set(section) - known:
+        bad = sorted(set(section) - known) if isinstance(section, dict) else section
+        raise ConfigError(f"compare: unknown key(s) {bad} (known: {sorted(known)})")
+    seeds = seeds if seeds is not None else section.get("seeds", 3)
+    if isinstance(seeds, int):
+        seeds = list(range(seeds))
+    try:
+        cells = plan_cells(
+            methods or section.get("methods", DEFAULT_METHODS),
+            distributions or section.get("distributions", DEFAULT_DISTRIBUTIONS),
+            list(seeds),
+            section.get("method_overrides"),
+            order or section.get("order", "method"),
+        )
+    except ValueError as exc:
+        raise ConfigError(f"compare: {exc}") from None
+    out = Path(out or section.get("out") or Path(raw.get("output_dir", "runs")) / f"compare-{path.stem}")
+    comparison = Comparison(raw, cells, out, list(overrides))
+    comparison.configs()  # validate every cell now
+    return comparison
+
+
+def run_comparison(
+    comparison: Comparison, progress: bool = True, stop_on_error: bool = False
+) -> dict[str, str]:
+    """Run every cell that is not done, in order; returns ``{cell key: final state}``.
+
+    A cell that raises is logged and marked ``failed`` (the others still run) unless ``stop_on_error``;
+    ``KeyboardInterrupt`` stops the grid (rerun to resume). ``OUT/progress.md`` is rewritten after each cell.
+
+    Raises:
+        ConfigError: a cell's run directory holds a run with a different config (names the keys).
+    """
+    from tqdm.auto import tqdm
+
+    from flexlora.run import resume_federation, run_federation
+
+    configs = comparison.configs()
+    comparison.write_plan()
+    rounds = {c: cfg.federation.rounds for c, cfg in configs.items()}
+    # refuse mismatched cells before running anything
+    for cell, cfg in configs.items():
+        saved = cfg.run_dir / "config.yaml"
+        if cell_state(cfg.run_dir, rounds[cell]) in ("done", "partial") and saved.is_file():
+            diff = config_differences(yaml.safe_load(saved.read_text()), cfg.to_dict())
+            if diff:
+                raise ConfigError(
+                    f"cell {cell.key}: {cfg.run_dir} holds a run with another config ({'; '.join(diff[:5])}); "
+                    "use another --out, or delete that run directory"
+                )
+    states: dict[str, str] = {}
+    bar = tqdm(total=len(configs), desc="cells", unit="cell", disable=not progress)
+    for i, (cell, cfg) in enumerate(configs.items(), 1):
+        state = cell_state(cfg.run_dir, rounds[cell])
+        tqdm.write(f"[cell {i}/{len(configs)}] {cell.key}: {state}")
+        start = time.perf_counter()
+        try:
+            if state == "partial":
+                resume_federation(cfg.run_dir, progress=progress)
+            elif state != "done":
+                run_federation(cfg, overwrite=state == "started", progress=progress)
+            (cfg.run_dir / "cell.json").write_text(json.dumps(asdict(cell) | {"key": cell.key}) + "\n")
+            states[cell.key] = "done"
+        except Exception as exc:
+            if stop_on_error:
+                raise
+            log.exception("cell %s failed", cell.key)
+            tqdm.write(f"[cell {i}/{len(configs)}] {cell.key}: FAILED ({type(exc).__name__}: {exc})")
+            states[cell.key] = "failed"
+        if state != "done":
+            tqdm.write(
+                f"[cell {i}/{len(configs)}] {cell.key}: {states[cell.key]} in {time.perf_counter() - start:.0f} s"
+            )
+        (comparison.out / "progress.md").write_text(progress_table(comparison.cells, comparison.out, rounds))
+        bar.update(1)
+    bar.close()
+    return states

@@ -1,0 +1,185 @@
+"""The comparison grid: which cells, their configs, and a resumable tiny grid through the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+import flexlora.run
+from flexlora.cli import main
+from flexlora.compare import Cell, cell_state, load_comparison, plan_cells, run_comparison
+from flexlora.config import ConfigError
+from flexlora.federation import Federation
+
+
+# ---------------------------------------------------------------------------------------------- the plan
+def test_default_grid_follows_the_paper():
+    cells = plan_cells(seeds=[0])
+    keys = [c.key for c in cells]
+    for method in ("flexlora", "hetlora", "flora", "ffa", "slora+flexlora"):
+        assert f"{method}/uniform/seed0" in keys and f"{method}/heavy-tail-strong/seed0" in keys
+    assert "flexlora/homo/seed0" in keys  # the SVD-rule control at the baseline's ranks
+    assert "hetlora/homo/seed0" not in keys
+    for method in ("fedavg", "fedit", "slora"):
+        assert f"{method}/homo/seed0" in keys and f"{method}@r200/r200/seed0" in keys
+    assert len(keys) == len(set(keys)) == 5 * 2 + 1 + 3 + 3
+
+
+def test_order_and_overrides():
+    cells = plan_cells(
+        ["fedavg", "fedavg@r30", "flexlora"],
+        ["uniform"],
+        [0, 1],
+        {"fedavg": ["train.optimizer=sgd"], "fedavg@r30": ["train.lr=0.1"]},
+    )
+    assert [c.key for c in cells] == [
+        "fedavg/homo/seed0",
+        "fedavg/homo/seed1",
+        "fedavg@r30/r30/seed0",
+        "fedavg@r30/r30/seed1",
+        "flexlora/uniform/seed0",
+        "flexlora/uniform/seed1",
+    ]
+    assert cells[0].overrides == ("train.optimizer=sgd",)
+    assert cells[2].overrides == ("train.optimizer=sgd", "train.lr=0.1")
+    by_seed = plan_cells(["fedit", "flexlora"], ["uniform"], [0, 1], order="seed")
+    assert [c.key for c in by_seed] == [
+        "fedit/homo/seed0",
+        "flexlora/uniform/seed0",
+        "fedit/homo/seed1",
+        "flexlora/uniform/seed1",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ((["fedsgd"],), "unknown method 'fedsgd'"),
+        ((["hetlora@r30"],), "only homogeneous methods"),
+        ((["fedit"], ["zipf"]), "unknown distribution 'zipf'"),
+        ((["fedit"], ["homo"], []), "no cell"),
+    ],
+)
+def test_bad_plans_are_refused(args, message):
+    with pytest.raises(ValueError, match=message):
+        plan_cells(*args)
+
+
+def test_cell_config_sets_the_cell_keys(tmp_path):
+    cell = Cell("fedit@r200", "fedit", "r200", 2, ("train.lr=0.01",))
+    cfg = cell.run_config({"model": {"name": "tiny"}}, tmp_path, ["federation.rounds=3"])
+    assert cfg.federation.method == "fedit" and cfg.federation.distribution == ["r200"]
+    assert cfg.federation.seed == 2 and cfg.federation.rounds == 3 and cfg.train.lr == 0.01
+    assert cfg.run_dir == tmp_path / "cells" / "fedit@r200" / "r200" / "seed2"
+    with pytest.raises(ConfigError, match=r"cell fedit@r200/r200/seed2: (.|\n)*lr must be"):
+        Cell("fedit@r200", "fedit", "r200", 2, ("train.lr=-1",)).run_config({}, tmp_path)
+
+
+def test_compare_section_and_its_errors(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "model: {name: tiny}\n"
+        "compare: {methods: [fedit, flexlora], distributions: [uniform], seeds: 2, "
+        "method_overrides: {fedit: [train.lr=0.01]}}\n"
+    )
+    comparison = load_comparison(path)
+    assert [c.key for c in comparison.cells] == [
+        "fedit/homo/seed0",
+        "fedit/homo/seed1",
+        "flexlora/uniform/seed0",
+        "flexlora/uniform/seed1",
+    ]
+    assert comparison.out.name == "compare-c" and "compare" not in comparison.base
+    assert len(load_comparison(path, seeds=[5]).cells) == 2
+    path.write_text("compare: {method: [fedit]}\n")
+    with pytest.raises(ConfigError, match="compare: unknown key"):
+        load_comparison(path)
+
+
+# ---------------------------------------------------------------------------------------------- a tiny grid
+def tiny_base(tmp_path):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"name": "tiny", "target_modules": ["q_proj", "v_proj"]},
+                "data": {
+                    "path": "synthetic",
+                    "options": {"num_clients": 8, "examples_per_client": 8},
+                    "num_heldout": 2,
+                },
+                "federation": {"rounds": 2, "clients_per_round": 2},
+                "train": {"steps": 1, "batch_size": 2, "max_length": 40},
+                "eval": {"max_examples_per_client": 2, "max_new_tokens": 3, "generate_final_only": True},
+                "compare": {"methods": ["fedit", "flexlora"], "distributions": ["uniform"], "seeds": 2},
+            }
+        )
+    )
+    return path
+
+
+def test_grid_runs_resumes_reuses_and_reports(tmp_path, monkeypatch, capsys):
+    config, out = tiny_base(tmp_path), tmp_path / "cmp"
+    # ---- an interrupted first attempt: the third cell crashes in its second round
+    real = Federation.run_round
+    calls = {"n": 0}
+
+    def crash_once(self, state):
+        calls["n"] += 1
+        if calls["n"] == 6:  # cells 1-2 take rounds 1-4; cell 3 (flexlora seed 0) crashes in round 2
+            raise KeyboardInterrupt("simulated crash")
+        return real(self, state)
+
+    monkeypatch.setattr(Federation, "run_round", crash_once)
+    comparison = load_comparison(config, out=out)
+    with pytest.raises(KeyboardInterrupt):
+        run_comparison(comparison, progress=False)
+    monkeypatch.setattr(Federation, "run_round", real)
+    states = [cell_state(out / "cells" / c.key, 2) for c in comparison.cells]
+    assert states == ["done", "done", "partial", "todo"]
+    # ---- the same command again: reuse 2, resume 1, run 1
+    resumed = []
+    real_resume = flexlora.run.resume_federation
+    monkeypatch.setattr(
+        flexlora.run, "resume_federation", lambda d, **kw: resumed.append(d) or real_resume(d, **kw)
+    )
+    assert main(["compare", str(config), "--out", str(out), "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert (
+        "[cell 1/4] fedit/homo/seed0: done" in text and "[cell 3/4] flexlora/uniform/seed0: partial" in text
+    )
+    assert resumed == [out / "cells" / "flexlora" / "uniform" / "seed0"]
+    assert "4/4 cells done" in (out / "progress.md").read_text()
+    metrics = [
+        json.loads(x) for x in (out / "cells/flexlora/uniform/seed0/metrics.jsonl").read_text().splitlines()
+    ]
+    assert [m["round"] for m in metrics] == [0, 1, 2]
+    assert metrics[1]["eval"]["rougeL"] is None and metrics[2]["eval"]["rougeL"] is not None  # Rouge-L once
+    assert set(metrics[2]["eval"]["per_client"]) and all(
+        "loss" in v for v in metrics[2]["eval"]["per_client"].values()
+    )
+    # ---- the report: flexlora under uniform against fedit, paired over 2 seeds x 2 held-out clients
+    table = (out / "report" / "results.md").read_text()
+    assert "| flexlora | uniform | 2 |" in table and "fedit (homo)" in table and "(n=4)" in table
+    assert (out / "report" / "loss_by_round.png").is_file()
+    # ---- nothing left to do; a changed config is refused, not mixed in
+    monkeypatch.setattr(flexlora.run, "run_federation", lambda *a, **k: pytest.fail("reran a finished cell"))
+    assert main(["compare", str(config), "--out", str(out), "--no-progress", "--no-report"]) == 0
+    assert main(["compare", str(config), "--out", str(out), "--set", "train.lr=0.01"]) == 2
+    assert "holds a run with another config (train.lr: 0.0003 -> 0.01)" in capsys.readouterr().err
+    assert main(["compare", str(config), "--out", str(out), "--status"]) == 0
+    assert "| 4 | flexlora/uniform/seed1 | done | 2/2 |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["study-ni", "study-dolly"])
+def test_study_configs_open_with_their_command_and_plan_valid_cells(name):
+    path = Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml"
+    assert path.read_text().startswith(f"# nohup nice -n 10 .venv/bin/flexlora compare configs/{name}.yaml")
+    comparison = load_comparison(path)  # validates every cell's config
+    keys = {c.key for c in comparison.cells}
+    assert {"fedit/homo/seed0", "flexlora/uniform/seed0", "hetlora/heavy-tail-strong/seed0"} <= keys
+    fedavg = next(c for c in comparison.cells if c.label == "fedavg")
+    assert "train.optimizer=sgd" in fedavg.overrides
