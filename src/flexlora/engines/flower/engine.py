@@ -181,7 +181,9 @@ class FlowerEngine:
             messages.append(Message(content, node, MessageType.TRAIN, ttl=ttl, group_id=str(job.round)))
             index.append(i)
             self._sent += factors_nbytes(job.init) + factors_nbytes(job.frozen)
-        replies = exchange(self.grid, messages, self.round_timeout, self.poll_interval) if messages else []
+        replies, gone = (
+            exchange(self.grid, messages, self.round_timeout, self.poll_interval) if messages else ([], set())
+        )
         record: dict[str, Any] = {"round": jobs[0].round if jobs else None, "jobs": []}
         for i, reply in zip(index, replies, strict=True):
             job, node = jobs[i], placed[i]
@@ -191,7 +193,7 @@ class FlowerEngine:
                 "ranks": sorted({f.rank for f in job.init.values()}),
                 "bytes_sent": factors_nbytes(job.init) + factors_nbytes(job.frozen),
             }
-            outcomes[i] = self._outcome(job, node, reply, entry)
+            outcomes[i] = self._outcome(job, node, reply, entry, node in gone)
             record["jobs"].append(entry)
         failures = [o for o in outcomes if isinstance(o, TrainFailure)]
         log.info(
@@ -207,9 +209,11 @@ class FlowerEngine:
         return [o for o in outcomes if o is not None]
 
     def _outcome(
-        self, job: TrainJob, node: int, reply: Message | None, entry: dict
+        self, job: TrainJob, node: int, reply: Message | None, entry: dict, gone: bool
     ) -> TrainResult | TrainFailure:
-        if reply is None:
+        if reply is None and gone:
+            reason = f"node {node} went offline during the round; left out of this round"
+        elif reply is None:
             reason = f"node {node}: no reply within {self.round_timeout:g}s; left out of this round"
         elif reply.has_error():
             reason = (

@@ -44,28 +44,43 @@ def wait_for_nodes(grid: Grid, minimum: int, timeout: float, poll: float = 1.0) 
 
 
 def exchange(
-    grid: Grid, messages: Sequence[Message], timeout: float, poll: float = 0.2
-) -> list[Message | None]:
+    grid: Grid, messages: Sequence[Message], timeout: float, poll: float = 0.2, liveness: float = 2.0
+) -> tuple[list[Message | None], set[int]]:
     """Push ``messages`` and pull their replies until all arrived or ``timeout`` seconds passed.
 
     Like :meth:`Grid.send_and_receive`, but the replies come back in message order (``None`` where none
-    arrived) and the poll interval is ours (Flower's gRPC/HTTP grid sleeps 3 s between pulls).
+    arrived), the poll interval is ours (Flower's grid sleeps 3 s between pulls), and every ``liveness``
+    seconds the connected nodes are checked: a message whose node went offline is not waited for.
+
+    Returns:
+        The replies in message order, and the destination nodes found offline meanwhile.
     """
     ids = list(grid.push_messages(messages))
     index = {mid: i for i, mid in enumerate(ids) if mid}
     replies: list[Message | None] = [None] * len(messages)
     pending = set(index)
-    deadline = time.monotonic() + timeout
+    gone: set[int] = set()
+    start = time.monotonic()
+    checked = start
     while pending:
         for reply in grid.pull_messages(list(pending)):
             mid = reply.metadata.reply_to_message_id
             if mid in pending:
                 replies[index[mid]] = reply
                 pending.discard(mid)
-        if not pending or time.monotonic() >= deadline:
+        now = time.monotonic()
+        if pending and now - checked >= liveness:
+            checked = now
+            live = set(grid.get_node_ids())
+            for mid in list(pending):
+                node = messages[index[mid]].metadata.dst_node_id
+                if node not in live:
+                    gone.add(node)
+                    pending.discard(mid)
+        if not pending or now - start >= timeout:
             break
         time.sleep(poll)
-    return replies
+    return replies, gone
 
 
 class NodeBook:
@@ -101,7 +116,8 @@ class NodeBook:
                 Message(RecordDict({"config": ConfigRecord({"server-round": round_})}), n, MessageType.QUERY)
                 for n in new
             ]
-            for node, reply in zip(new, exchange(grid, messages, self.query_timeout), strict=True):
+            replies, _ = exchange(grid, messages, self.query_timeout)
+            for node, reply in zip(new, replies, strict=True):
                 if reply is None:
                     log.warning(
                         "node %d: no answer to the query within %.0fs; left out", node, self.query_timeout

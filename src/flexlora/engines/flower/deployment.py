@@ -1,0 +1,125 @@
+"""The deployment recipe: one SuperNode per client, the federation's pool and ranks declared by the nodes.
+
+Same round loop (:class:`flexlora.federation.Federation`) and the same outputs as ``flexlora run``
+(``metrics.jsonl``, ``checkpoint/``, ``adapters/full`` and ``adapters/<rank type>``, ``summary.json``), but the
+pool is the set of connected nodes' ``client-id`` and each client's rank type is what its node declared, not a
+draw from a distribution. The server needs no client data: with ``data-path="none"`` it evaluates nothing;
+otherwise it evaluates the global adapter on the held-out clients of its own copy of the source.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from flexlora.config import RunConfig
+from flexlora.core.adapter_io import write_adapter
+from flexlora.core.aggregators import make_aggregator
+from flexlora.core.aggregators.base import exact_factors
+from flexlora.core.ranks import module_ranks
+from flexlora.engines.flower.engine import FlowerEngine
+from flexlora.federation import Federation, FederationPlan
+
+__all__ = ["run_deployment"]
+
+log = logging.getLogger(__name__)
+
+
+def _aggregator(cfg: RunConfig):
+    fed = cfg.federation
+    options: dict[str, Any] = {}
+    if fed.method == "flexlora":
+        options["svd"] = fed.svd
+    elif fed.method == "hetlora":
+        options["sparsity_weighted"] = fed.sparsity_weighted
+    return make_aggregator(fed.method, **options)
+
+
+def _evaluator(cfg: RunConfig, host, tokenizer, exclude: set[str]):
+    """Evaluate on the server's own held-out clients (never one a node trains on); nothing without data."""
+    if cfg.data.path in ("", "none"):
+        return lambda factors: {}
+    from flexlora.data import open_source
+    from flexlora.data.splits import split_clients
+    from flexlora.evaluation import evaluate_clients
+
+    source = open_source(cfg.data.path, cfg.data.format, **cfg.data.options)
+    heldout_arg = (
+        {"heldout_ids": cfg.data.heldout_ids}
+        if cfg.data.heldout_ids
+        else {"num_heldout": cfg.data.num_heldout}
+    )
+    _, heldout = split_clients(source, seed=cfg.federation.seed, **heldout_arg)
+    heldout = [c for c in heldout if c not in exclude][: cfg.federation.eval_clients or None]
+    if not heldout:
+        log.warning("no held-out client outside the federation: the global adapter is not evaluated")
+        return lambda factors: {}
+
+    def evaluate(factors):
+        if factors is not None:
+            host.load(factors)
+        try:
+            return evaluate_clients(host.model, tokenizer, map(source.load, heldout), "test", cfg.eval)
+        finally:
+            host.unload()
+
+    return evaluate
+
+
+def run_deployment(cfg: RunConfig, engine: FlowerEngine) -> Path:
+    """Run the federation over the engine's nodes, one client per node, and write the run directory.
+
+    Returns:
+        The run directory.
+
+    Raises:
+        ValueError: a node declared no client id or rank, or two declared the same client.
+        flexlora.core.errors.AggregationError: a round got fewer than ``federation.min_clients`` updates.
+    """
+    from flexlora.models import LoraHost, load_model
+
+    run_dir = cfg.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    roster = engine.roster()
+    model, tokenizer = load_model(cfg.model.name, cfg.model.dtype, cfg.model.device, seed=cfg.federation.seed)
+    host = LoraHost(model, cfg.model.target_modules)
+    fed = cfg.federation
+    plan = FederationPlan(
+        pool=list(roster),
+        rank_types=roster,
+        shapes=host.shapes,
+        rounds=fed.rounds,
+        clients_per_round=fed.clients_per_round,
+        min_clients=fed.min_clients,
+        seed=fed.seed,
+        alpha=cfg.model.lora_alpha,
+        use_rslora=cfg.model.use_rslora,
+        eval_every=fed.eval_every,
+    )
+    (run_dir / "assignment.json").write_text(json.dumps({c: t.name for c, t in roster.items()}, indent=1))
+    aggregator = _aggregator(cfg)
+    log.info("deployment: method %r over %d nodes", aggregator, len(roster))
+    evaluate = _evaluator(cfg, host, tokenizer, set(roster))
+    state = Federation(plan, aggregator, engine, evaluate, run_dir, cfg.to_dict(), progress=False).run()
+    adapters = run_dir / "adapters"
+    write_adapter(
+        adapters / "full", exact_factors(state.global_state, plan.alpha, plan.use_rslora), cfg.model.name
+    )
+    for rank_type in {t.name: t for t in roster.values()}.values():
+        factors = aggregator.payload(
+            state.global_state, module_ranks(rank_type, plan.shapes), plan.alpha, plan.use_rslora
+        )
+        write_adapter(adapters / rank_type.name, factors, cfg.model.name)
+    summary = {
+        "run_dir": str(run_dir),
+        "rounds": state.round,
+        "final": state.metrics[-1],
+        "initial": state.metrics[0],
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return run_dir

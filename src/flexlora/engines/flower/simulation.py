@@ -1,0 +1,166 @@
+"""Flower's simulation runtime driven by our round loop, in this process.
+
+``flexlora run --set federation.engine=flower`` keeps the round loop in the caller's thread. The simulation
+runtime (Ray actors running our ClientApp) runs in a background thread with a bridge ``ServerApp`` whose
+``main`` hands its ``Grid`` over and waits; the :class:`~.engine.FlowerEngine` on that grid carries out the
+jobs, and closing the engine lets ``main`` return, which stops the runtime.
+
+Ray is kept small (2 CPU cores are the norm here): ``actors`` ClientApp actors, ``num_supernodes`` virtual
+nodes (any of them runs any client's job; the job carries the client id and its factors).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from flexlora.engines.flower.engine import FlowerEngine
+from flexlora.engines.flower.settings import client_settings
+
+__all__ = ["start_simulation"]
+
+log = logging.getLogger(__name__)
+
+
+def start_simulation(
+    cfg: Any,
+    *,
+    num_supernodes: int | None = None,
+    actors: int = 1,
+    cpus_per_actor: int = 1,
+    round_timeout: float = 3600.0,
+    start_timeout: float = 300.0,
+) -> FlowerEngine:
+    """Start Flower's simulation runtime in a background thread and return an engine on its grid.
+
+    Args:
+        cfg: the run's :class:`flexlora.config.RunConfig` (its model, data and train sections go with every
+            job).
+        num_supernodes: virtual nodes (default: the clients per round, at least 1, at most 8).
+        actors: ClientApp actors running at once (each holds its own copy of the base model).
+        cpus_per_actor: Ray CPUs per actor.
+        round_timeout: seconds to wait for a round's replies.
+        start_timeout: seconds to wait for the runtime to come up.
+
+    Returns:
+        The engine; ``engine.close()`` stops the runtime.
+
+    Raises:
+        RuntimeError: the runtime did not start (the cause is chained).
+    """
+    from flwr.simulation import run_simulation
+
+    from flexlora.engines.flower.client_app import app as client_app
+
+    per_round = cfg.federation.clients_per_round
+    n = num_supernodes or max(1, min(8, int(per_round) if per_round >= 1 else 2))
+    handoff: queue.Queue[Grid] = queue.Queue()
+    release = threading.Event()
+    failure: list[BaseException] = []
+    bridge = ServerApp()
+
+    @bridge.main()
+    def main(grid: Grid, context: Context) -> None:
+        handoff.put(grid)
+        release.wait()
+
+    def runtime() -> None:
+        try:
+            run_simulation(
+                server_app=bridge,
+                client_app=client_app,
+                num_supernodes=n,
+                backend_config={
+                    "client_resources": {"num_cpus": cpus_per_actor, "num_gpus": 0.0},
+                    "init_args": {"num_cpus": actors * cpus_per_actor, "include_dashboard": False},
+                },
+            )
+        except BaseException as exc:  # noqa: BLE001 - reported to the caller below
+            failure.append(exc)
+        finally:
+            handoff.put(None)  # type: ignore[arg-type]  # unblocks a caller still waiting
+
+    thread = threading.Thread(target=runtime, name="flower-simulation", daemon=True)
+    thread.start()
+    try:
+        grid = handoff.get(timeout=start_timeout)
+    except queue.Empty:
+        grid = None
+    if grid is None:
+        release.set()
+        cause = failure[0] if failure else None
+        raise RuntimeError(
+            f"Flower's simulation runtime did not start within {start_timeout:.0f}s"
+        ) from cause
+
+    def stop() -> None:
+        ray_processes = _ray_descendants(os.getpid())  # before Ray's own shutdown orphans its workers
+        release.set()
+        thread.join(timeout=120)
+        if thread.is_alive():
+            log.warning("Flower's simulation runtime did not stop within 120s")
+        _reap(ray_processes, timeout=30.0)
+
+    log.info("Flower simulation runtime: %d virtual nodes, %d actor(s)", n, actors)
+    return FlowerEngine(
+        grid,
+        "simulation",
+        settings=client_settings(cfg),
+        round_timeout=round_timeout,
+        min_nodes=n,
+        on_close=stop,
+    )
+
+
+def _ray_descendants(root: int) -> set[int]:
+    """Ray's processes started under ``root`` (raylet, GCS, actors); empty where ``/proc`` is missing."""
+    parents: dict[int, int] = {}
+    names: dict[int, str] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+            cmdline = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        pid = int(stat.parent.name)
+        parents[pid] = int(text.rsplit(")", 1)[1].split()[1])
+        names[pid] = cmdline
+    found, frontier = set(), {root}
+    while frontier:
+        frontier = {pid for pid, ppid in parents.items() if ppid in frontier} - found
+        found |= frontier
+    return {pid for pid in found if "ray" in names.get(pid, "")}
+
+
+def _reap(pids: set[int], timeout: float) -> None:
+    """Wait for ``pids`` (processes this runtime started) to exit; SIGKILL those still there after
+    ``timeout`` seconds (Ray's actors outlive ``ray.shutdown`` by a few seconds)."""
+    deadline = time.monotonic() + timeout
+    alive = set(pids)
+    while alive and time.monotonic() < deadline:
+        alive = {pid for pid in alive if _running(pid)}
+        time.sleep(0.5)
+    for pid in alive:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    if alive:
+        log.warning("stopped %d Ray process(es) left after the simulation: %s", len(alive), sorted(alive))
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"

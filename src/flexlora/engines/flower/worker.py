@@ -1,0 +1,95 @@
+"""The node side: one base model and one data source per process, and a node's own client.
+
+A ClientApp process keeps its :class:`~flexlora.models.LoraHost` and data source in :data:`_CACHE`, keyed by
+the settings that built them, so Flower's simulation actors load the model once for the whole run (a
+deployment SuperNode starts a fresh ClientApp process per message and so loads it per message; the tiny
+model and SmolLM2's safetensors cache load in about a second).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from flwr.app import Context, RecordDict
+
+from flexlora.engines.flower.engine import SETTINGS_RECORD
+from flexlora.engines.flower.settings import client_settings, parse_client_settings, run_config_from_flower
+from flexlora.training import TrainConfig
+
+__all__ = ["Worker", "worker_for", "own_client"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Worker:
+    """What a node trains with: the model host, its tokenizer, the data source and the train settings."""
+
+    host: Any
+    tokenizer: Any
+    source: Any
+    train: TrainConfig
+
+
+_CACHE: dict[str, tuple[Any, Any, Any]] = {}
+
+
+def _settings(content: RecordDict, context: Context) -> dict[str, Any]:
+    """Settings sent with the job (simulation engine), else the node's run config (plain Flower runs).
+    A node's own ``data-path`` (node config) always wins: a deployment node reads only its own data."""
+    if SETTINGS_RECORD in content:
+        raw = json.loads(str(content[SETTINGS_RECORD]["json"]))
+    else:
+        cfg, _ = run_config_from_flower(dict(context.run_config))
+        raw = client_settings(cfg)
+    if "data-path" in context.node_config:
+        raw["data"] = {**raw["data"], "path": str(context.node_config["data-path"])}
+        if "data-format" in context.node_config:
+            raw["data"]["format"] = str(context.node_config["data-format"]) or None
+    return raw
+
+
+def worker_for(content: RecordDict, context: Context) -> Worker:
+    """The process-wide worker for this message's settings (built on first use).
+
+    Raises:
+        ValueError: malformed settings.
+    """
+    from flexlora.data import open_source
+    from flexlora.models import LoraHost, load_model
+
+    model_cfg, data_cfg, train_cfg, seed = parse_client_settings(_settings(content, context))
+    key = json.dumps({"model": asdict(model_cfg), "data": asdict(data_cfg), "seed": seed}, sort_keys=True)
+    if key not in _CACHE:
+        _CACHE.clear()  # one model per process
+        model, tokenizer = load_model(model_cfg.name, model_cfg.dtype, model_cfg.device, seed=seed)
+        host = LoraHost(model, model_cfg.target_modules)
+        source = open_source(data_cfg.path, data_cfg.format, **data_cfg.options)
+        _CACHE[key] = (host, tokenizer, source)
+        log.info("node %s: loaded model %r and %r", context.node_id, model_cfg.name, source)
+    host, tokenizer, source = _CACHE[key]
+    return Worker(host, tokenizer, source, train_cfg)
+
+
+def own_client(source: Any, node_config: Mapping[str, Any]) -> str:
+    """The client a node trains as when the server leaves it open: ``client-id`` from the node config, else
+    Flower's ``partition-id`` into the source's clients, else the source's only client.
+
+    Raises:
+        ValueError: none of these identifies a client of ``source``.
+    """
+    ids = source.client_ids()
+    if "client-id" in node_config:
+        cid = str(node_config["client-id"])
+        if cid not in ids:
+            raise ValueError(f"node config client-id={cid!r} is not a client of {source!r}")
+        return cid
+    if "partition-id" in node_config:
+        return ids[int(node_config["partition-id"]) % len(ids)]
+    if len(ids) == 1:
+        return ids[0]
+    raise ValueError(f"set client-id in the node config: {source!r} has {len(ids)} clients")

@@ -1,0 +1,203 @@
+"""A real Flower deployment on loopback: one SuperLink, two SuperNodes at ranks 4 and 8, ``flwr run .``.
+
+Everything listens on 127.0.0.1 only, on free ports; ``FLWR_HOME`` is a temporary directory (Flower's config,
+installed bundles); every process the test starts runs in its own session and is stopped, with its children,
+in the fixture's teardown. Waits are bounded.
+
+The one federation covers both requirements: in round 1 each node trains at its own declared rank; then
+node B is killed (SIGKILL, as a crash) and round 2 goes on without it, with the reason recorded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from flexlora.core.adapter_io import read_adapter
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.timeout(600)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float, what: str, poll: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := predicate():
+            return value
+        time.sleep(poll)
+    raise TimeoutError(f"{what} within {timeout:.0f}s")
+
+
+class Cluster:
+    """Processes started by this test, each in its own session (so its children are stopped with it)."""
+
+    def __init__(self, home: Path):
+        self.home = home
+        self.env = {
+            **os.environ,
+            "FLWR_HOME": str(home),
+            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "OMP_NUM_THREADS": "1",
+            "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2",  # SuperExec looks for new tasks every 0.2 s, not 1 s
+        }
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def start(self, name: str, *args: str) -> subprocess.Popen:
+        log = (self.home / f"{name}.log").open("w")
+        proc = subprocess.Popen(
+            [str(BIN / args[0]), *args[1:]],
+            env=self.env,
+            cwd=self.home,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.procs[name] = proc
+        return proc
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Signal the process's whole group, then make sure nothing of the group is left (bounded)."""
+        proc = self.procs[name]
+        _signal_group(proc.pid, sig)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            pass
+        _signal_group(proc.pid, signal.SIGKILL)  # stragglers (superexec, clientapp) of a stopped node
+        proc.wait(timeout=10)
+        wait_for(lambda: not _group_members(proc.pid), 15, f"processes of {name} still running")
+
+    def stop_all(self) -> None:
+        for name in list(self.procs):
+            self.kill(name, signal.SIGTERM)
+
+    def logs(self) -> str:
+        return "\n".join(f"---- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(self.home.glob("*.log")))
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    link = free_port()
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\naddress = "127.0.0.1:{link}"\ninsecure = true\n'
+    )
+    c = Cluster(home)
+    try:
+        c.start(
+            "superlink", "flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(link),
+            "--disable-runtime-dependency-installation",
+        )  # fmt: skip
+        wait_for(lambda: _accepts(link), 60, "the SuperLink did not listen")
+        for name, node_config in (
+            ("node-a", 'lora-rank=4 client-id="0"'),
+            ("node-b", 'lora-rank=8 client-id="1"'),
+        ):
+            c.start(
+                name, "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link}",
+                "--host", "127.0.0.1", "--port", str(free_port()), "--node-config", node_config,
+            )  # fmt: skip
+        yield c
+    finally:
+        c.stop_all()
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _group_members(pgid: int) -> list[int]:
+    """Live (non-zombie) processes of a process group."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(int(stat.parent.name))
+    return members
+
+
+def _accepts(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _rounds_done(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    return max(
+        (json.loads(line)["round"] for line in path.read_text().splitlines() if line.strip()), default=0
+    )
+
+
+def test_deployment_on_loopback_with_a_node_killed_mid_run(cluster, tmp_path):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(
+        "data: {path: synthetic, options: {num_clients: 6, examples_per_client: 12, seed: 0}, num_heldout: 2}\n"
+        "train: {batch_size: 4, max_length: 48}\n"
+        "eval: {generate: false, max_examples_per_client: 2}\n"
+    )
+    out = tmp_path / "runs"
+    run_config = (
+        f'num-server-rounds=2 model="tiny" method="flexlora" placement="deployment" clients-per-round=2 '
+        f'local-steps=1 config-file="{config}" output-dir="{out}" run-name="loop" min-nodes=2 '
+        "round-timeout=150.0 wait-timeout=120.0"
+    )
+    started = subprocess.run(
+        [str(BIN / "flwr"), "run", str(REPO), "loopback", "--run-config", run_config],
+        env=cluster.env, cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert started.returncode == 0, started.stdout + started.stderr
+    run_dir = out / "loop"
+    try:
+        wait_for(lambda: _rounds_done(run_dir) >= 1, 300, "round 1 did not finish")
+        cluster.kill("node-b")  # a crash: no goodbye to the SuperLink
+        wait_for(lambda: (run_dir / "summary.json").exists(), 300, "the federation did not finish")
+    except TimeoutError as exc:
+        raise AssertionError(f"{exc}\n{cluster.logs()}") from None
+
+    flower = json.loads((run_dir / "flower.json").read_text())
+    assert flower["placement"] == "deployment"
+    first = {job["client"]: job for job in flower["rounds"][0]["jobs"]}
+    # each node trained at its own declared rank, and the server checked the reply against it
+    assert first["0"]["ranks"] == first["0"]["trained_ranks"] == [4]
+    assert first["1"]["ranks"] == first["1"]["trained_ranks"] == [8]
+    assert first["0"]["node"] != first["1"]["node"]
+    assert first["1"]["bytes_sent"] == 2 * first["0"]["bytes_sent"]
+    # after the crash node B's client is left out with the reason, node A goes on
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["round"] for m in metrics] == [0, 1, 2]
+    assert metrics[1]["received"] == 2 and metrics[1]["failures"] == {}
+    for m in metrics[2:]:
+        assert m["received"] == 1
+        assert set(m["failures"]) == {"1"}
+        assert any(word in m["failures"]["1"].lower() for word in ("offline", "not connected", "unavailable"))
+    # the global adapter was written (a PEFT adapter at the exact rank of the aggregate)
+    update, adapter_config = read_adapter(run_dir / "adapters" / "full")
+    assert update.modules and all(f.rank <= 4 + 8 for f in update.modules.values())
+    assert {p.name for p in (run_dir / "adapters").iterdir()} == {"full", "r4", "r8"}
+    assert json.loads((run_dir / "assignment.json").read_text()) == {"0": "r4", "1": "r8"}
