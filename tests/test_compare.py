@@ -183,3 +183,16 @@ def test_study_configs_open_with_their_command_and_plan_valid_cells(name):
     assert {"fedit/homo/seed0", "flexlora/uniform/seed0", "hetlora/heavy-tail-strong/seed0"} <= keys
     fedavg = next(c for c in comparison.cells if c.label == "fedavg")
     assert "train.optimizer=sgd" in fedavg.overrides
+
+
+def test_a_second_process_on_the_same_grid_is_refused(tmp_path):
+    import fcntl
+
+    comparison = load_comparison(tiny_base(tmp_path), out=tmp_path / "cmp")
+    (tmp_path / "cmp").mkdir()
+    with open(tmp_path / "cmp" / "lock", "w") as held:
+        held.write("pid 12345\n")
+        held.flush()
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(ConfigError, match="being run by another process \\(pid 12345\\)"):
+            run_comparison(comparison, progress=False)

@@ -26,8 +26,10 @@ options override it.
 from __future__ import annotations
 
 import copy
+import fcntl
 import json
 import logging
+import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -321,10 +323,30 @@ def run_comparison(
 
     A cell that raises is logged and marked ``failed`` (the others still run) unless ``stop_on_error``;
     ``KeyboardInterrupt`` stops the grid (rerun to resume). ``OUT/progress.md`` is rewritten after each cell.
+    ``OUT/lock`` is held (``flock``) while the grid runs, so a second process on the same ``OUT`` is refused
+    instead of restarting the cell the first one is running.
 
     Raises:
-        ConfigError: a cell's run directory holds a run with a different config (names the keys).
+        ConfigError: a cell's run directory holds a run with a different config (names the keys), or
+            another process is running this comparison.
     """
+    comparison.out.mkdir(parents=True, exist_ok=True)
+    with open(comparison.out / "lock", "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            raise ConfigError(
+                f"{comparison.out} is being run by another process ({lock.read().strip() or 'pid unknown'})"
+            ) from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"pid {os.getpid()}\n")
+        lock.flush()
+        return _run_cells(comparison, progress, stop_on_error)
+
+
+def _run_cells(comparison: Comparison, progress: bool, stop_on_error: bool) -> dict[str, str]:
     from tqdm.auto import tqdm
 
     from flexlora.run import resume_federation, run_federation
