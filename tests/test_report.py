@@ -132,5 +132,5 @@ def test_report_files_and_cli(grid, capsys):
     assert float(flex["loss_rel_mean"]) == pytest.approx(15.0) and flex["seeds"] == "0 1"
     assert main(["report", str(grid), "--out", str(grid / "r2"), "--no-plots"]) == 0
     out = capsys.readouterr().out
-    assert "rel. impr. loss %" in out and "5 finished runs of 7 planned" in out
+    assert "**loss** vs the paired homogeneous baseline" in out and "5 finished runs of 7 planned" in out
     assert main(["report", str(grid / "nope")]) == 2

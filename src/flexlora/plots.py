@@ -118,6 +118,9 @@ def _lines_by_label(ax, runs: Sequence[Any], value, ylabel: str) -> None:
             lo = [m - s for m, s in zip(means, sds, strict=True)]
             hi = [m + s for m, s in zip(means, sds, strict=True)]
             ax.fill_between(rounds, lo, hi, color=line.get_color(), alpha=0.12)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)

@@ -267,7 +267,10 @@ def summarize(records: Sequence[RunRecord], baseline: str = DEFAULT_BASELINE) ->
                         )
             row.category_rel[metric] = {c: sum(v) / len(v) for c, v in sorted(cats.items())}
         rows.append(row)
-    return rows
+    order = {
+        d: i for i, d in enumerate(("homo", "uniform", "heavy-tail-light", "normal", "heavy-tail-strong"))
+    }
+    return sorted(rows, key=lambda r: (order.get(r.distribution, len(order)), r.distribution))
 
 
 def _fmt(values: Sequence[float], digits: int) -> str:
@@ -286,26 +289,39 @@ NAMES = {"loss": "loss", "rougeL": "Rouge-L", "proxy_rougeL": "proxy Rouge-L"}
 
 
 def markdown_table(rows: Sequence[Row]) -> str:
-    """The results table: absolute scores, then the comparison with the paired baseline."""
+    """The results: absolute scores (mean ± SD over seeds), then per metric the paired comparison with the
+    homogeneous baseline: difference ``m - b`` and relative improvement (mean ± SD over paired seeds), and
+    the sign-flip p-values over (seed, client) pairs and over seeds."""
     head = ["method", "distribution", "seeds", *(NAMES[m] for m in METRICS)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r.label, r.distribution, str(len(r.seeds))] + [_fmt(r.values[m], DIGITS[m]) for m in METRICS]
         lines.append("| " + " | ".join(cells) + " |")
-    paired = [r for r in rows if r.rel]
-    if paired:
-        head = ["method", "distribution", "vs", "pairs"]
-        for m in METRICS:
-            head += [f"rel. impr. {NAMES[m]} %", f"p {NAMES[m]} (seed x client)", "p (seeds)"]
-        lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m in METRICS:
+        paired = [r for r in rows if r.rel.get(m)]
+        if not paired:
+            continue
+        better = "lower" if m in LOWER_IS_BETTER else "higher"
+        lines += [
+            "",
+            f"**{NAMES[m]}** vs the paired homogeneous baseline ({better} is better; relative improvement > 0 "
+            "is better)",
+            "",
+            "| method | distribution | vs | paired seeds | difference | rel. impr. % | p (seed x client) | p (seeds) |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for r in paired:
-            cells = [r.label, r.distribution, f"{r.baseline} (homo)", str(len(next(iter(r.rel.values()))))]
-            for m in METRICS:
-                cells += [
-                    _fmt(r.rel.get(m, []), 2),
-                    _p(r.p_clients.get(m)) + (f" (n={r.n_pairs[m]})" if m in r.n_pairs else ""),
-                    _p(r.p_seeds.get(m)),
-                ]
+            p_clients = _p(r.p_clients.get(m)) + (f" (n={r.n_pairs[m]})" if m in r.n_pairs else "")
+            cells = [
+                r.label,
+                r.distribution,
+                f"{r.baseline} (homo)",
+                str(len(r.rel[m])),
+                _fmt(r.diff[m], DIGITS[m]),
+                _fmt(r.rel[m], 2),
+                p_clients,
+                _p(r.p_seeds.get(m)),
+            ]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
