@@ -17,12 +17,22 @@ from typing import Any
 import yaml
 
 from flexlora.core.aggregators import AGGREGATORS
+from flexlora.core.privacy import DP_METHODS, accountant_available
 from flexlora.core.ranks import DISTRIBUTIONS, parse_rank_type
+from flexlora.core.robust import ROBUST_RULES
 from flexlora.core.svd import SVD_ROUTES
 from flexlora.evaluation import EvalConfig
 from flexlora.training import TrainConfig
 
-__all__ = ["ConfigError", "ModelConfig", "DataConfig", "FederationConfig", "RunConfig", "load_config"]
+__all__ = [
+    "ConfigError",
+    "ModelConfig",
+    "DataConfig",
+    "FederationConfig",
+    "SecurityConfig",
+    "RunConfig",
+    "load_config",
+]
 
 METHODS = (*AGGREGATORS, "fedit", "slora", "slora+flexlora")
 HOMOGENEOUS_ONLY = ("fedavg", "fedit", "slora")
@@ -91,6 +101,31 @@ class FederationConfig:
 
 
 @dataclass
+class SecurityConfig:
+    """Untrusted clients: update checks, round retries, robust aggregation and differential privacy.
+
+    ``max_examples``: an update claiming more training examples is refused. ``norm_bound``: an update with
+    ``||dW||_F`` above it is refused (None: no bound). ``round_retries``: when fewer than
+    ``federation.min_clients`` valid updates arrive, the round is retried this many times with a fresh
+    sample before the run stops. ``robust``: ``none``, ``clip``, ``trimmed`` or ``median``
+    (:mod:`flexlora.core.robust`); ``clip_norm``: the clipping bound ``C`` (None with ``clip``: the round's
+    median norm); ``trim_fraction``: cut at each end by ``trimmed``. ``dp_noise_multiplier`` > 0 turns on
+    client-level DP (:mod:`flexlora.core.privacy`; needs ``clip_norm``), with epsilon reported at
+    ``dp_delta``; ``dp_secure_noise`` draws the noise seed from the OS instead of the run seed.
+    """
+
+    max_examples: int = 10_000_000
+    norm_bound: float | None = None
+    round_retries: int = 0
+    robust: str = "none"
+    clip_norm: float | None = None
+    trim_fraction: float = 0.1
+    dp_noise_multiplier: float = 0.0
+    dp_delta: float = 1e-5
+    dp_secure_noise: bool = False
+
+
+@dataclass
 class RunConfig:
     """Everything a run needs. ``output_dir/name`` is the run directory."""
 
@@ -99,6 +134,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
@@ -210,12 +246,50 @@ def _check(cfg: RunConfig, errors: list[str]) -> None:
         errors.append(f"federation.slora_density: must be in (0, 1] or null, got {fed.slora_density}")
     if fed.slora_lr is not None and not fed.slora_lr > 0:
         errors.append(f"federation.slora_lr: must be > 0 or null, got {fed.slora_lr}")
+    _check_security(cfg, errors)
     if cfg.data.num_heldout < 0:
         errors.append(f"data.num_heldout: must be >= 0, got {cfg.data.num_heldout}")
     if cfg.model.dtype not in ("float32", "bfloat16", "float16"):
         errors.append(f"model.dtype: {cfg.model.dtype!r} is not one of ['bfloat16', 'float16', 'float32']")
     if not cfg.model.target_modules:
         errors.append("model.target_modules: must name at least one module")
+
+
+def _check_security(cfg: RunConfig, errors: list[str]) -> None:
+    sec, method = cfg.security, cfg.federation.method
+    if sec.max_examples < 1:
+        errors.append(f"security.max_examples: must be >= 1, got {sec.max_examples}")
+    if sec.round_retries < 0:
+        errors.append(f"security.round_retries: must be >= 0, got {sec.round_retries}")
+    for key in ("norm_bound", "clip_norm"):
+        value = getattr(sec, key)
+        if value is not None and not 0 < value < float("inf"):
+            errors.append(f"security.{key}: must be a finite number > 0 or null, got {value}")
+    if sec.robust not in ROBUST_RULES:
+        errors.append(f"security.robust: {sec.robust!r} is not one of {list(ROBUST_RULES)}")
+    if not 0 <= sec.trim_fraction < 0.5:
+        errors.append(f"security.trim_fraction: must lie in [0, 0.5), got {sec.trim_fraction}")
+    if not 0 < sec.dp_delta < 1:
+        errors.append(f"security.dp_delta: must lie in (0, 1), got {sec.dp_delta}")
+    if sec.dp_noise_multiplier < 0:
+        errors.append(f"security.dp_noise_multiplier: must be >= 0, got {sec.dp_noise_multiplier}")
+    if sec.dp_noise_multiplier > 0:
+        if sec.clip_norm is None:
+            errors.append("security.clip_norm: differential privacy needs a fixed clipping bound, got null")
+        if sec.robust != "none":
+            errors.append(
+                f"security.robust: {sec.robust!r} cannot be combined with differential privacy (the noise is "
+                "calibrated to a clipped mean); use robust: none"
+            )
+        if method not in DP_METHODS:
+            errors.append(
+                f"security.dp_noise_multiplier: {method} is not supported, use one of {list(DP_METHODS)}"
+            )
+        if not accountant_available():
+            errors.append(
+                "security.dp_noise_multiplier: the privacy accountant needs dp-accounting "
+                "(pip install 'flwr[dp]==1.42.0')"
+            )
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

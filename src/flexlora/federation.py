@@ -14,7 +14,8 @@ import math
 import random
 import time
 import zlib
-from collections.abc import Callable, Mapping
+from collections import Counter
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,9 @@ from flexlora.core.aggregators import Aggregator, GlobalState
 from flexlora.core.aggregators.base import exact_factors, leading_factors
 from flexlora.core.errors import AggregationError
 from flexlora.core.lora import LoraFactors
+from flexlora.core.privacy import PrivateAggregator
 from flexlora.core.ranks import RankType, module_ranks
+from flexlora.core.validation import UpdateLimits, UpdateRejected, check_update
 from flexlora.engines.base import Engine
 from flexlora.engines.jobs import TrainFailure, TrainJob, TrainResult
 
@@ -68,11 +71,17 @@ class FederationPlan:
     def ranks(self, client_id: str) -> dict[str, int]:
         return module_ranks(self.rank_types[client_id], self.shapes)
 
-    def sample(self, round_: int) -> list[str]:
-        """Clients of a round: ``clients_per_round`` of the pool (a count, or a fraction if < 1)."""
+    def sample(self, round_: int, attempt: int = 0, exclude: Collection[str] = ()) -> list[str]:
+        """Clients of a round: ``clients_per_round`` of the pool (a count, or a fraction if < 1). A retry
+        (``attempt > 0``) draws afresh, seeded by ``(seed, round, attempt)``, from the clients not in
+        ``exclude`` (those that failed earlier attempts), or from the whole pool if none is left."""
         k = self.clients_per_round
         n = math.ceil(k * len(self.pool)) if k < 1 else min(int(k), len(self.pool))
-        return sorted(random.Random(derive_seed(self.seed, "sample", round_)).sample(self.pool, n))
+        if attempt == 0:
+            return sorted(random.Random(derive_seed(self.seed, "sample", round_)).sample(self.pool, n))
+        pool = [c for c in self.pool if c not in exclude] or self.pool
+        rng = random.Random(derive_seed(self.seed, "sample", round_, attempt))
+        return sorted(rng.sample(pool, min(n, len(pool))))
 
     def per_module_ranks(self, pick: Callable[..., int] = max) -> dict[str, int]:
         """Per module, ``pick`` (max or min) of the ranks the pool's clients use; ``max`` is the width of
@@ -97,6 +106,9 @@ class Federation:
         sparse_stage: SLoRA: runs the first ``sparse_stage.rounds`` rounds instead of the engine and the
             aggregator (:class:`flexlora.slora.SparseStage`).
         final_evaluate: evaluates the last round instead of ``evaluate`` (e.g. with generation).
+        limits: bounds every client update must respect (:func:`flexlora.core.validation.check_update`).
+        round_retries: a round with fewer than ``plan.min_clients`` valid updates is retried this many times
+            with a fresh sample before the run stops.
     """
 
     def __init__(
@@ -110,10 +122,13 @@ class Federation:
         progress: bool = True,
         sparse_stage: Any = None,
         final_evaluate: Evaluator | None = None,
+        limits: UpdateLimits | None = None,
+        round_retries: int = 0,
     ):
         self.plan, self.aggregator, self.engine, self.evaluate = plan, aggregator, engine, evaluate
         self.run_dir, self.config, self.progress = Path(run_dir), config, progress
         self.sparse_stage, self.final_evaluate = sparse_stage, final_evaluate
+        self.limits, self.round_retries = limits or UpdateLimits(), round_retries
 
     def initial_state(self) -> ServerState:
         """Round 0: ``B = 0`` and a seeded ``A`` at each module's largest rank, shared by all methods."""
@@ -156,31 +171,91 @@ class Federation:
             )
         return jobs
 
+    def triage(
+        self, round_: int, jobs: list[TrainJob], outcomes: list[TrainResult | TrainFailure]
+    ) -> tuple[list[TrainResult], dict[str, str], Counter]:
+        """Check every outcome against its job; a bad update becomes a failure with its reason.
+
+        Returns:
+            The valid results, ``{client: reason}`` of failures and rejections, and rejections counted by
+            kind (``num_examples``, ``A.shape``, ``norm``, ...).
+        """
+        plan = self.plan
+        results, failures, rejected = [], {}, Counter()
+        for i, job in enumerate(jobs):
+            cid, outcome = job.client_id, outcomes[i] if i < len(outcomes) else None
+            if isinstance(outcome, TrainFailure):
+                failures[cid] = outcome.reason
+                continue
+            if not isinstance(outcome, TrainResult):
+                failures[cid] = f"the engine returned {type(outcome).__name__}, not a result"
+                continue
+            try:
+                check_update(
+                    outcome.update,
+                    client_id=cid,
+                    ranks=plan.ranks(cid),
+                    shapes=plan.shapes,
+                    alpha=plan.alpha,
+                    use_rslora=plan.use_rslora,
+                    limits=self.limits,
+                    frozen_A={n: f.A for n, f in job.init.items()} if job.freeze_A else None,
+                )
+            except UpdateRejected as exc:
+                failures[cid] = str(exc)
+                rejected[exc.kind] += 1
+            else:
+                results.append(outcome)
+        for cid, reason in failures.items():
+            log.warning("round %d: client %s left out: %s", round_, cid, reason)
+        return results, failures, rejected
+
     def run_round(self, state: ServerState) -> ServerState:
         round_ = state.round + 1
         t0 = time.perf_counter()
-        # ---------------------------------------------------------------- sample and train
-        clients = self.plan.sample(round_)
+        # ---------------------------------------------------------------- sample, train and check
         sparse = self.sparse_stage is not None and round_ <= self.sparse_stage.rounds  # SLoRA's stage 1
-        if sparse:
-            outcomes = self.sparse_stage.train(state.global_state, round_, clients)
+        failures: dict[str, str] = {}
+        rejected: Counter = Counter()
+        t_check = 0.0
+        for attempt in range(self.round_retries + 1):
+            clients = self.plan.sample(round_, attempt, exclude=failures)
+            if sparse:
+                outcomes = self.sparse_stage.train(state.global_state, round_, clients)
+                results = [o for o in outcomes if isinstance(o, TrainResult)]
+                failed = {o.client_id: o.reason for o in outcomes if isinstance(o, TrainFailure)}
+            else:
+                jobs = self.jobs(state, round_, clients)
+                outcomes = self.engine.train(jobs)
+                t = time.perf_counter()
+                results, failed, kinds = self.triage(round_, jobs, outcomes)
+                t_check += time.perf_counter() - t
+                rejected.update(kinds)
+            failures.update(failed)
+            if len(results) >= self.plan.min_clients:
+                break
+            log.warning(
+                "round %d, attempt %d of %d: %d valid updates, %d needed",
+                round_,
+                attempt + 1,
+                self.round_retries + 1,
+                len(results),
+                self.plan.min_clients,
+            )
         else:
-            outcomes = self.engine.train(self.jobs(state, round_, clients))
-        results = [o for o in outcomes if isinstance(o, TrainResult)]
-        failures = [o for o in outcomes if isinstance(o, TrainFailure)]
-        for f in failures:
-            log.warning("round %d: client %s left out: %s", round_, f.client_id, f.reason)
+            raise AggregationError(
+                f"round {round_}: {len(results)} valid updates, {self.plan.min_clients} needed, after "
+                f"{self.round_retries + 1} attempt(s) ({len(failures)} clients failed or were refused); the run "
+                f"stops, its checkpoint (round {state.round}) is untouched"
+            )
         t_train = time.perf_counter()
         # ---------------------------------------------------------------- aggregate
-        if len(results) < self.plan.min_clients:
-            raise AggregationError(
-                f"round {round_}: {len(results)} valid updates, {self.plan.min_clients} needed "
-                f"({len(failures)} failed); the run stops at the last checkpoint (round {state.round})"
-            )
         updates = [r.update for r in results]
         if sparse:
             new_global = self.sparse_stage.aggregate(updates, state.global_state, round_)
         else:
+            if isinstance(self.aggregator, PrivateAggregator):
+                self.aggregator.start_round(round_)  # seeds this round's noise
             new_global = self.aggregator.aggregate(updates, previous=state.global_state)
         t_agg = time.perf_counter()
         # ---------------------------------------------------------------- evaluate
@@ -188,10 +263,16 @@ class Federation:
             "round": round_,
             "clients": clients,
             "received": len(results),
-            "failures": {f.client_id: f.reason for f in failures},
+            "failures": failures,
+            "rejected": dict(rejected),
+            "attempts": attempt + 1,
             "train_loss": _weighted_mean(results, "train_loss"),
             "train_steps": sum(r.metrics.get("steps", 0) for r in results),
         }
+        if new_global.info:
+            metrics["aggregation"] = dict(new_global.info)  # clipping and noise of a robust / private rule
+        if isinstance(self.aggregator, PrivateAggregator) and not sparse:
+            metrics["privacy"] = self.aggregator.privacy_spent(releases=round_)
         if sparse:
             metrics["stage"] = "slora-sparse"
         if round_ % self.plan.eval_every == 0 or round_ == self.plan.rounds:
@@ -205,7 +286,8 @@ class Federation:
         # ---------------------------------------------------------------- checkpoint
         new_state = ServerState(round_, new_global, state.assignment, [*state.metrics])
         metrics["seconds"] = {
-            "train": t_train - t0,
+            "train": t_train - t0 - t_check,
+            "validate": t_check,
             "aggregate": t_agg - t_train,
             "eval": t_eval - t_agg,
             "client_train": sum(r.metrics.get("seconds", 0.0) for r in results),
@@ -226,7 +308,7 @@ class Federation:
             base = {"round": 0, "eval": self.evaluate(None)}
             state.metrics.append(base)
             save_checkpoint(self.run_dir, state, self.config)
-            self.write_metrics(state.metrics)
+        self.write_metrics(state.metrics)  # a resume: a kill may have come between checkpoint and metrics
         bar = tqdm(
             total=self.plan.rounds,
             initial=state.round,
@@ -284,6 +366,8 @@ def round_summary(m: Mapping[str, Any]) -> str:
     for key in ("loss", "rougeL", "proxy_rougeL"):
         if m.get("eval", {}).get(key) is not None:
             parts.append(f"eval {key} {m['eval'][key]:.3f}")
-    if "seconds" in m:
+    if m.get("privacy"):
+        parts.append(f"epsilon {m['privacy']['epsilon']:.3g}")
+    if m.get("seconds", {}).get("total") is not None:
         parts.append(f"{m['seconds']['total']:.1f}s")
     return " | ".join(parts)

@@ -25,12 +25,15 @@ from typing import Any
 
 import yaml
 
-from flexlora.checkpoint import CHECKPOINT_DIR, load_checkpoint
+from flexlora.checkpoint import CHECKPOINT_DIR, load_checkpoint, recover_checkpoint
 from flexlora.config import SLORA_METHODS, ConfigError, RunConfig, load_config
 from flexlora.core.adapter_io import write_adapter
 from flexlora.core.aggregators import make_aggregator
 from flexlora.core.aggregators.base import exact_factors
+from flexlora.core.privacy import PrivateAggregator
 from flexlora.core.ranks import assign_rank_types, module_ranks
+from flexlora.core.robust import RobustAggregator
+from flexlora.core.validation import UpdateLimits
 from flexlora.data import open_source
 from flexlora.data.splits import seeded_rng, split_clients
 from flexlora.federation import Federation, FederationPlan
@@ -72,6 +75,25 @@ def _aggregator(cfg: RunConfig):
     elif method == "hetlora":
         kwargs["sparsity_weighted"] = cfg.federation.sparsity_weighted
     return make_aggregator(method, **kwargs)
+
+
+def _harden(aggregator, cfg: RunConfig, plan: FederationPlan):
+    """Wrap the method in the configured differential privacy or robust rule (the ``security`` section)."""
+    sec = cfg.security
+    if sec.dp_noise_multiplier > 0:
+        return PrivateAggregator(
+            aggregator,
+            clip_norm=sec.clip_norm,
+            noise_multiplier=sec.dp_noise_multiplier,
+            expected_clients=len(plan.sample(1)),
+            population=len(plan.pool),
+            delta=sec.dp_delta,
+            seed=cfg.federation.seed,
+            secure_noise=sec.dp_secure_noise,
+        )
+    if sec.robust != "none":
+        return RobustAggregator(aggregator, sec.robust, sec.clip_norm, sec.trim_fraction)
+    return aggregator
 
 
 def _engine(cfg: RunConfig, host, tokenizer, source, progress: bool):
@@ -138,7 +160,7 @@ def _execute(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool) -> Run
     def final_evaluate(factors):
         return evaluate(factors, generate=cfg.eval.generate)
 
-    aggregator = _aggregator(cfg)
+    aggregator = _harden(_aggregator(cfg), cfg, plan)
     if cfg.federation.method == "fedit":  # FedIT is FedAvg with AdamW as the local optimiser
         cfg.train = dataclasses.replace(cfg.train, optimizer="adamw")
     engine = _engine(cfg, host, tokenizer, source, progress)
@@ -180,6 +202,8 @@ def _execute(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool) -> Run
         progress=progress,
         sparse_stage=sparse_stage,
         final_evaluate=final_evaluate if cfg.eval.generate_final_only else None,
+        limits=UpdateLimits(cfg.security.max_examples, cfg.security.norm_bound),
+        round_retries=cfg.security.round_retries,
     )
     # ---------------------------------------------------------------- run
     state = None
@@ -222,7 +246,9 @@ def run_federation(cfg: RunConfig, overwrite: bool = False, progress: bool = Tru
     if overwrite:
         shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    tmp = run_dir / "config.yaml.tmp"  # written whole or not at all: a resume may start from it
+    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    tmp.replace(run_dir / "config.yaml")
     info = {
         "seed": cfg.federation.seed,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -239,13 +265,21 @@ def run_federation(cfg: RunConfig, overwrite: bool = False, progress: bool = Tru
 
 
 def resume_federation(run_dir: str | Path, progress: bool = True) -> RunResult:
-    """Continue an interrupted run from its last checkpoint, with the config it was started with."""
+    """Continue an interrupted run from its last checkpoint, with the config it was started with. A run killed
+    before its first checkpoint starts over from its ``config.yaml``; a save killed midway is repaired first
+    (:func:`flexlora.checkpoint.recover_checkpoint`)."""
     run_dir = Path(run_dir)
-    _, raw = load_checkpoint(run_dir)
-    cfg = load_config(raw=raw)
+    resume = recover_checkpoint(run_dir) or not (run_dir / "config.yaml").is_file()
+    if resume:
+        _, raw = load_checkpoint(run_dir)
+        cfg = load_config(raw=raw)
+    else:
+        cfg = load_config(run_dir / "config.yaml")
     handler = _setup_logging(run_dir)
     try:
-        return _execute(cfg, run_dir, resume=True, progress=progress)
+        if not resume:
+            log.info("%s has no checkpoint yet: starting over from its config.yaml", run_dir)
+        return _execute(cfg, run_dir, resume=resume, progress=progress)
     finally:
         log.removeHandler(handler)
         handler.close()

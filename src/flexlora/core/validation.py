@@ -10,9 +10,14 @@ unless it has
 * the ``lora_alpha`` and rsLoRA flag it was sent (a client cannot change the scale its update is read with);
 * ``A_m`` unchanged where ``A`` is frozen (FFA-LoRA);
 * an integer example count in ``[1, max_examples]`` (it weighs the client in ``p_i = n_i / sum_j n_j``);
-* optionally, a bounded norm of its effective update ``||dW_i||_F <= norm_bound``, with
-  ``||dW_i||_F^2 = sum_m ||s_m B_m A_m||_F^2`` computed without forming ``B_m A_m`` from the ``r x r`` Gram
-  matrices: ``||B A||_F^2 = tr((B^T B)(A A^T))``, in ``O((d + k) r^2)`` per module.
+* a finite, and optionally bounded, norm of its effective update ``||dW_i||_F <= norm_bound``, with
+  ``||dW_i||_F^2 = sum_m ||s_m B_m A_m||_F^2``.
+
+The norm check is cheap in the common case: ``||s B A||_F <= |s| ||B||_F ||A||_F`` gives an upper bound in
+one pass over the factors (``O((d + k) r)``); only when the bound exceeds ``norm_bound`` (or
+:data:`MAX_NORM`) is the exact norm computed, from the ``r x r`` Gram matrices without forming ``B A``:
+``||B A||_F^2 = tr((B^T B)(A A^T))``, ``O((d + k) r^2)`` per module. All checks together cost a few passes
+over the update's bytes.
 
 :func:`check_update` raises :class:`UpdateRejected` naming the client and the field; the round loop turns
 that into a failure that leaves the update out of the round (see :meth:`flexlora.federation.Federation.triage`).
@@ -33,16 +38,20 @@ from flexlora.core.lora import LoraFactors, LoraUpdate
 __all__ = [
     "ALLOWED_DTYPES",
     "MAX_EXAMPLES",
+    "MAX_NORM",
     "UpdateLimits",
     "UpdateRejected",
     "check_update",
     "update_norm",
+    "norm_upper_bound",
     "product_norm_sq",
 ]
 
 #: The largest credible example count: a larger claim would dominate the weighted average.
 MAX_EXAMPLES = 10_000_000
 ALLOWED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+#: An update norm beyond this is refused even without ``norm_bound``: float32 aggregation would overflow.
+MAX_NORM = 1e18
 
 
 class UpdateRejected(AdapterError):
@@ -84,9 +93,25 @@ class UpdateLimits:
 
 
 def product_norm_sq(f: LoraFactors) -> float:
-    """``||s B A||_F^2 = s^2 tr((B^T B)(A A^T))`` in float64, never forming ``B A`` ``(d, k)``."""
-    B, A = f.B.double(), f.A.double()
-    return f.scale**2 * float(torch.trace((B.T @ B) @ (A @ A.T)).clamp_min(0))
+    """``||s B A||_F^2 = s^2 tr((B^T B)(A A^T)) = s^2 sum((B^T B) * (A A^T))`` (both Gram matrices are
+    symmetric), never forming ``B A`` ``(d, k)``; Gram matrices in the factors' precision (at least float32),
+    their contraction in float64."""
+    dtype = torch.float64 if f.B.dtype == torch.float64 else torch.float32
+    B, A = f.B.to(dtype), f.A.to(dtype)
+    gram = ((B.T @ B).double() * (A @ A.T).double()).sum()  # (r, r) * (r, r)
+    return f.scale**2 * float(gram.clamp_min(0))
+
+
+def _fro(t: torch.Tensor) -> float:
+    """``||t||_F`` in one fast pass (float32, float64 for float64 tensors); NaN or Inf if any entry is."""
+    return float(
+        torch.linalg.vector_norm(t, dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)
+    )
+
+
+def norm_upper_bound(modules: Mapping[str, LoraFactors]) -> float:
+    """``sqrt(sum_m s_m^2 ||B_m||_F^2 ||A_m||_F^2) >= ||dW||_F``, in one pass over the factors."""
+    return math.sqrt(sum((f.scale * _fro(f.B) * _fro(f.A)) ** 2 for f in modules.values()))
 
 
 def update_norm(modules: Mapping[str, LoraFactors]) -> float:
@@ -104,7 +129,7 @@ def check_update(
     use_rslora: bool = False,
     limits: UpdateLimits | None = None,
     frozen_A: Mapping[str, torch.Tensor] | None = None,
-) -> float:
+) -> None:
     """Refuse a client update that does not match what the client was sent.
 
     Args:
@@ -115,9 +140,6 @@ def check_update(
         alpha, use_rslora: the LoRA scale the client was sent.
         limits: example-count and norm bounds.
         frozen_A: per module, the ``A (r, k)`` the client had to keep (FFA-LoRA), else ``None``.
-
-    Returns:
-        ``||dW_i||_F``, the norm of the update's effective ``sum_m s_m B_m A_m`` (for logs and clipping).
 
     Raises:
         UpdateRejected: naming the client and the field, at the first failed check.
@@ -141,6 +163,7 @@ def check_update(
                 "modules", f"{len(want - got)} sent module(s) missing, e.g. {sorted(want - got)[0]!r}"
             )
         raise refuse("modules", f"{len(got - want)} module(s) never sent, e.g. {sorted(got - want)[0]!r}")
+    upper: dict[str, float] = {}  # s_m^2 ||B_m||_F^2 ||A_m||_F^2 >= ||s_m B_m A_m||_F^2
     for name in sorted(ranks):
         f, r = update.modules[name], ranks[name]
         if name not in shapes:
@@ -148,6 +171,15 @@ def check_update(
         d, k = shapes[name]
         if not isinstance(f, LoraFactors):
             raise refuse(f"modules[{name}]", f"expected LoraFactors, got {type(f).__name__}")
+        if (
+            isinstance(f.alpha, bool)
+            or not isinstance(f.alpha, numbers.Real)
+            or float(f.alpha) != float(alpha)
+        ):
+            raise refuse(f"modules[{name}].alpha", f"is {f.alpha!r}, {alpha!r} was sent")
+        if bool(f.use_rslora) != bool(use_rslora):
+            raise refuse(f"modules[{name}].use_rslora", f"is {f.use_rslora!r}, {use_rslora!r} was sent")
+        fro = {}
         for label, t, shape in (("A", f.A, (r, k)), ("B", f.B, (d, r))):
             field = f"modules[{name}].{label}"
             if not isinstance(t, torch.Tensor):
@@ -159,23 +191,37 @@ def check_update(
                     f"{field}.shape",
                     f"is {tuple(t.shape)}, expected {shape} (rank {r} was sent, base {d}x{k})",
                 )
-            if not bool(torch.isfinite(t).all()):
-                raise refuse(f"{field}.values", "has NaN or Inf values")
-        if (
-            isinstance(f.alpha, bool)
-            or not isinstance(f.alpha, numbers.Real)
-            or float(f.alpha) != float(alpha)
-        ):
-            raise refuse(f"modules[{name}].alpha", f"is {f.alpha!r}, {alpha!r} was sent")
-        if bool(f.use_rslora) != bool(use_rslora):
-            raise refuse(f"modules[{name}].use_rslora", f"is {f.use_rslora!r}, {use_rslora!r} was sent")
+            fro[label] = _fro(t)  # NaN or Inf iff an entry is, or the squares overflow (entries beyond ~1e19)
+            if not math.isfinite(fro[label]):
+                raise refuse(f"{field}.values", "has NaN or Inf values (or overflowing ones)")
         if frozen_A is not None and name in frozen_A:
             ref = frozen_A[name]
             if not torch.allclose(f.A.to(ref.dtype), ref, rtol=0.0, atol=1e-5):
                 raise refuse(f"modules[{name}].A.values", "changed, but A is frozen for this method")
-    norm = update_norm(update.modules)
-    if not math.isfinite(norm):
-        raise refuse("norm", "||dW||_F overflows")
-    if limits.norm_bound is not None and norm > limits.norm_bound:
-        raise refuse("norm", f"||dW||_F = {norm:.4g} exceeds the bound {limits.norm_bound:g}")
-    return norm
+        upper[name] = (f.scale * fro["A"] * fro["B"]) ** 2
+    bound = min(limits.norm_bound or MAX_NORM, MAX_NORM)
+    norm = _bounded_norm(update.modules, upper, bound)
+    if norm is not None and not norm <= MAX_NORM:
+        raise refuse("norm", f"||dW||_F >= {norm:.4g} is absurd (over {MAX_NORM:g}) or overflows")
+    if norm is not None:
+        raise refuse("norm", f"||dW||_F >= {norm:.4g} exceeds the bound {limits.norm_bound:g}")
+
+
+def _bounded_norm(
+    modules: Mapping[str, LoraFactors], upper: Mapping[str, float], bound: float
+) -> float | None:
+    """``None`` if ``||dW||_F <= bound``, else a lower bound on ``||dW||_F`` above ``bound``.
+
+    Exact per-module norms replace the cheap bounds ``upper[m] >= ||s B_m A_m||_F^2``, largest first, only
+    until the total either fits under ``bound`` (accept) or the exact part alone exceeds it (refuse)."""
+    order = sorted(upper, key=upper.get, reverse=True)
+    # rest[i]: the cheap bounds of the modules not yet computed exactly
+    rest = [sum(upper[n] for n in order[i:]) for i in range(len(order))]
+    exact = 0.0
+    for i, name in enumerate(order):
+        if exact + rest[i] <= bound**2:  # False for NaN or inf: then compute
+            return None
+        exact += product_norm_sq(modules[name])
+        if not exact <= bound**2:
+            return math.sqrt(exact)
+    return None
