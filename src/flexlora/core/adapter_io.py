@@ -14,6 +14,7 @@ Module names are paths in the base model (``model.layers.0.self_attn.q_proj``); 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -71,7 +72,7 @@ def _read_config(path: Path) -> AdapterConfig:
         raise AdapterError(f"{path}: missing {CONFIG_NAME}")
     try:
         raw = json.loads(cfg_path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise AdapterError(f"{cfg_path}: not valid JSON ({exc.__class__.__name__})") from None
     if not isinstance(raw, dict):
         raise AdapterError(f"{cfg_path}: not a JSON object")
@@ -80,11 +81,21 @@ def _read_config(path: Path) -> AdapterConfig:
     r, alpha = raw.get("r", 8), raw.get("lora_alpha", 8)
     if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
         raise AdapterError(f"{cfg_path}: field 'r' must be a positive integer, got {r!r}")
-    if not isinstance(alpha, int | float) or isinstance(alpha, bool):
+    if _number(alpha) is None:
         raise AdapterError(f"{cfg_path}: field 'lora_alpha' must be a number, got {alpha!r}")
     for name in ("rank_pattern", "alpha_pattern"):
         if not isinstance(raw.get(name) or {}, dict):
             raise AdapterError(f"{cfg_path}: field {name!r} must be an object")
+        for key, value in (raw.get(name) or {}).items():
+            if _number(value) is None or (
+                name == "rank_pattern" and (not isinstance(value, int) or value <= 0)
+            ):
+                kind = "a positive integer" if name == "rank_pattern" else "a number"
+                raise AdapterError(f"{cfg_path}: {name}[{key!r}] must be {kind}, got {value!r}")
+            try:
+                re.compile(rf"(.*\.)?({key})$")  # as pattern_value uses it
+            except (re.error, RecursionError, OverflowError, TypeError):
+                raise AdapterError(f"{cfg_path}: {name} key {key!r} is not a valid pattern") from None
     return AdapterConfig(
         r=r,
         lora_alpha=float(alpha),
@@ -148,6 +159,17 @@ def read_adapter(path: str | os.PathLike, num_examples: int = 1) -> tuple[LoraUp
             )
         modules[name] = LoraFactors(A, B, config.alpha_for(name), config.use_rslora)
     return LoraUpdate(modules, num_examples=num_examples, client_id=str(path)), config
+
+
+def _number(value: object) -> float | None:
+    """``value`` as a finite float, or ``None`` (for bools, non-numbers, inf, nan and ints beyond float)."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return None
+    try:
+        x = float(value)
+    except OverflowError:
+        return None
+    return x if math.isfinite(x) else None
 
 
 def _most_common(values: list) -> object:
@@ -221,15 +243,23 @@ class atomic_directory:
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return
-        for f in self.tmp.rglob("*"):
-            if f.is_file():
-                with f.open("rb") as fh:
-                    os.fsync(fh.fileno())
+        for f in [*self.tmp.rglob("*"), self.tmp]:
+            _fsync(f)
         old = None
         if self.path.exists():
             old = self.path.with_name(f".{self.path.name}.old")
             shutil.rmtree(old, ignore_errors=True)
             self.path.rename(old)
         self.tmp.rename(self.path)
+        _fsync(self.path.parent)  # the renames themselves survive a power loss
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's data, or a directory's entries, to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

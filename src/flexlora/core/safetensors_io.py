@@ -40,7 +40,7 @@ def _check_header(path: Path) -> dict:
             )
         try:
             header = json.loads(fh.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:  # (deeply nested JSON)
             raise AdapterError(f"{path}: header is not valid JSON ({exc.__class__.__name__})") from None
     if not isinstance(header, dict):
         raise AdapterError(f"{path}: header is not a JSON object")

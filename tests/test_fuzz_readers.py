@@ -1,0 +1,333 @@
+"""Fuzzing the readers of untrusted files (safetensors, PEFT adapters, checkpoints) with hypothesis:
+malformed headers, truncated and bit-flipped files, wrong dtypes, huge declared shapes, hostile JSON.
+
+Each input either loads, with no tensor larger than the file that holds it, or is refused with the one
+clear error (:class:`AdapterError`); nothing else may escape, and peak memory stays small.
+``FLEXLORA_FUZZ_REPORT=1 pytest -s`` prints how many inputs of each kind were refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import struct
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from flexlora.checkpoint import ServerState, load_checkpoint, save_checkpoint
+from flexlora.core.adapter_io import read_adapter, write_adapter
+from flexlora.core.aggregators import GlobalState
+from flexlora.core.errors import AdapterError
+from flexlora.core.lora import LoraFactors
+from flexlora.core.safetensors_io import read_safetensors, write_safetensors
+
+FUZZ = settings(
+    max_examples=int(os.environ.get("FLEXLORA_FUZZ_EXAMPLES", "150")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+    database=None,
+)
+REFUSED: Counter = Counter()
+TRIED: Counter = Counter()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _report_and_memory():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    yield
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    if os.environ.get("FLEXLORA_FUZZ_REPORT"):
+        print(
+            f"\nfuzz: tried {dict(TRIED)}\nfuzz: refused by kind {dict(REFUSED)}\npeak RSS grew {grown_mb:.1f} MB"
+        )
+    assert grown_mb < 256, f"peak memory grew by {grown_mb:.0f} MB while reading fuzzed files"
+
+
+def _kind(message: str) -> str:
+    for needle, kind in (
+        ("truncated", "truncated"),
+        ("header length", "header length"),
+        ("not valid JSON", "bad JSON"),
+        ("not a JSON object", "bad JSON"),
+        ("dtype", "dtype"),
+        ("shape", "shape"),
+        ("offsets", "offsets"),
+        ("bytes, the file holds", "declared size"),
+        ("unreadable", "rejected by safetensors"),
+        ("NaN or Inf", "non-finite"),
+        ("field", "config field"),
+        ("pattern", "config pattern"),
+        ("rank", "rank"),
+        ("not a LoRA factor", "unknown tensor"),
+        ("no lora_", "missing factor"),
+    ):
+        if needle in message:
+            return kind
+    return "other"
+
+
+def expect_refused_or_small(read, path: Path, what: str):
+    """Call ``read(path)``; only AdapterError may escape, and loaded tensors fit in the file."""
+    TRIED[what] += 1
+    try:
+        out = read(path)
+    except AdapterError as exc:
+        REFUSED[f"{what}: {_kind(str(exc))}"] += 1
+        return None
+    size = sum(f.stat().st_size for f in ([path] if path.is_file() else path.rglob("*")) if f.is_file())
+    tensors = out.values() if isinstance(out, dict) else []
+    assert sum(t.numel() * t.element_size() for t in tensors) <= size
+    return out
+
+
+def _file(data: bytes) -> Path:
+    fd, name = tempfile.mkstemp(suffix=".safetensors")
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+    return Path(name)
+
+
+def _pack(header: object, body: bytes = b"", length: int | None = None) -> bytes:
+    raw = json.dumps(header).encode() if not isinstance(header, bytes) else header
+    return struct.pack("<Q", len(raw) if length is None else length) + raw + body
+
+
+def _valid_bytes() -> bytes:
+    path = Path(tempfile.mkdtemp()) / "v.safetensors"
+    write_safetensors(path, {"a.A": torch.randn(2, 3), "a.B": torch.randn(4, 2).double()})
+    data = path.read_bytes()
+    shutil.rmtree(path.parent)
+    return data
+
+
+VALID = _valid_bytes()
+DTYPES = st.sampled_from(
+    ["F16", "BF16", "F32", "F64", "I64", "I8", "U8", "BOOL", "F8_E4M3", "C64", "", "f32", None, 3]
+)
+DIMS = st.one_of(
+    st.integers(0, 8),
+    st.integers(2**31, 2**64),
+    st.integers(-5, -1),
+    st.just(2**200),
+    st.floats(),
+    st.text(max_size=3),
+)
+SHAPES = st.one_of(st.lists(DIMS, max_size=4), st.integers(), st.none(), st.text(max_size=4))
+OFFSETS = st.one_of(
+    st.lists(st.one_of(st.integers(-10, 200), st.integers(2**40, 2**64)), min_size=0, max_size=3),
+    st.none(),
+    st.text(max_size=3),
+)
+ENTRY = st.one_of(
+    st.fixed_dictionaries({"dtype": DTYPES, "shape": SHAPES, "data_offsets": OFFSETS}),
+    st.integers(),
+    st.text(max_size=5),
+    st.lists(st.integers(), max_size=3),
+)
+HEADERS = st.dictionaries(
+    st.one_of(st.text(max_size=8), st.just("__metadata__")),
+    st.one_of(ENTRY, st.dictionaries(st.text(max_size=3), st.text(max_size=3), max_size=2)),
+    max_size=4,
+)
+
+
+# ---------------------------------------------------------------------------------------------- safetensors
+@FUZZ
+@given(st.binary(max_size=300))
+def test_random_bytes(data):
+    path = _file(data)
+    try:
+        expect_refused_or_small(read_safetensors, path, "random bytes")
+    finally:
+        path.unlink()
+
+
+@FUZZ
+@given(HEADERS, st.binary(max_size=96), st.one_of(st.none(), st.integers(0, 2**64 - 1)))
+def test_malformed_headers_wrong_dtypes_and_huge_shapes(header, body, length):
+    path = _file(_pack(header, body, length))
+    try:
+        expect_refused_or_small(read_safetensors, path, "malformed header")
+    finally:
+        path.unlink()
+
+
+@FUZZ
+@given(st.integers(0, len(VALID) - 1))
+def test_truncated_files(cut):
+    path = _file(VALID[:cut])
+    try:
+        assert expect_refused_or_small(read_safetensors, path, "truncated file") is None
+    finally:
+        path.unlink()
+
+
+@FUZZ
+@given(st.lists(st.tuples(st.integers(0, len(VALID) - 1), st.integers(1, 255)), min_size=1, max_size=4))
+def test_bit_flipped_files(flips):
+    data = bytearray(VALID)
+    for pos, mask in flips:
+        data[pos] ^= mask
+    path = _file(bytes(data))
+    try:
+        expect_refused_or_small(read_safetensors, path, "corrupted file")
+    finally:
+        path.unlink()
+
+
+@pytest.mark.parametrize(
+    ("label", "data"),
+    [
+        ("deeply nested JSON", _pack(b"[" * 200_000)),
+        ("huge declared header", _pack({}, length=2**63)),
+        (
+            "shape of 2^62 x 2^62 over 16 bytes",
+            _pack({"x": {"dtype": "F32", "shape": [2**62, 2**62], "data_offsets": [0, 16]}}, bytes(16)),
+        ),
+        (
+            "shape whose byte count wraps 64 bits",
+            _pack({"x": {"dtype": "F32", "shape": [2**62], "data_offsets": [0, 0]}}),
+        ),
+        ("int64 tensor", _pack({"x": {"dtype": "I64", "shape": [2], "data_offsets": [0, 16]}}, bytes(16))),
+        (
+            "overlapping tensors",
+            _pack(
+                {
+                    "x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                    "y": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                },
+                bytes(8),
+            ),
+        ),
+        (
+            "non-string metadata",
+            _pack(
+                {"__metadata__": {"a": [1]}, "x": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}},
+                bytes(4),
+            ),
+        ),
+    ],
+)
+def test_named_hostile_files(label, data):
+    path = _file(data)
+    try:
+        expect_refused_or_small(read_safetensors, path, label)
+    finally:
+        path.unlink()
+
+
+# ---------------------------------------------------------------------------------------------- adapters
+JSON = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(), st.text(max_size=6)),
+    lambda children: st.one_of(
+        st.lists(children, max_size=3), st.dictionaries(st.text(max_size=6), children, max_size=3)
+    ),
+    max_leaves=8,
+)
+CONFIG_FIELDS = st.fixed_dictionaries(
+    {},
+    optional={
+        "peft_type": st.one_of(st.just("LORA"), JSON),
+        "r": st.one_of(st.integers(-3, 10), JSON),
+        "lora_alpha": st.one_of(st.floats(), JSON),
+        "rank_pattern": st.one_of(
+            st.dictionaries(
+                st.sampled_from(["q", "^x", "(", "a[", "*", "layers.0.q"]),
+                st.one_of(st.integers(-2, 9), JSON),
+                max_size=2,
+            ),
+            JSON,
+        ),
+        "alpha_pattern": st.one_of(st.dictionaries(st.text(max_size=4), JSON, max_size=2), JSON),
+        "use_rslora": JSON,
+        "target_modules": JSON,
+    },
+)
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("adapter") / "a"
+    factors = {
+        "layers.0.q": LoraFactors(torch.randn(2, 5), torch.randn(6, 2), 16.0),
+        "layers.0.v": LoraFactors(torch.randn(3, 5), torch.randn(4, 3), 8.0),
+    }
+    write_adapter(path, factors)
+    return path
+
+
+@FUZZ
+@given(st.one_of(CONFIG_FIELDS, JSON), st.booleans())
+def test_hostile_adapter_configs(adapter_dir, config, as_text):
+    work = Path(tempfile.mkdtemp()) / "a"
+    shutil.copytree(adapter_dir, work)
+    try:
+        text = json.dumps(config) if not as_text else json.dumps(config)[: len(json.dumps(config)) // 2]
+        (work / "adapter_config.json").write_text(text)
+        expect_refused_or_small(lambda p: read_adapter(p)[0].modules, work, "adapter config")
+    finally:
+        shutil.rmtree(work.parent)
+
+
+@FUZZ
+@given(st.integers(0, 10_000), st.lists(st.tuples(st.integers(0, 10_000), st.integers(1, 255)), max_size=3))
+def test_truncated_or_corrupted_adapter_weights(cut, flips):
+    tmp = Path(tempfile.mkdtemp())
+    try:
+        write_adapter(tmp / "a", {"m": LoraFactors(torch.randn(2, 5), torch.randn(6, 2), 16.0)})
+        weights = tmp / "a" / "adapter_model.safetensors"
+        data = bytearray(weights.read_bytes())
+        for pos, mask in flips:
+            data[pos % len(data)] ^= mask
+        weights.write_bytes(bytes(data[: cut % (len(data) + 1)]))
+        expect_refused_or_small(lambda p: read_adapter(p)[0].modules, tmp / "a", "adapter weights")
+    finally:
+        shutil.rmtree(tmp)
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+@pytest.fixture(scope="module")
+def checkpoint_dir(tmp_path_factory):
+    run = tmp_path_factory.mktemp("run")
+    state = GlobalState.initial({"q": (6, 5), "v": (4, 5)}, {"q": 2, "v": 3}, "flexlora", seed=1)
+    save_checkpoint(run, ServerState(1, state, {"c0": "r8"}, [{"round": 0}]), {"seed": 0})
+    return run
+
+
+SERVER_FIELDS = st.fixed_dictionaries(
+    {},
+    optional={k: JSON for k in ("round", "method", "assignment", "metrics", "config")},
+)
+
+
+@FUZZ
+@given(
+    st.one_of(SERVER_FIELDS, JSON),
+    st.integers(0, 2000),
+    st.lists(st.tuples(st.integers(0, 2000), st.integers(1, 255)), max_size=2),
+)
+def test_hostile_checkpoints(checkpoint_dir, server, cut, flips):
+    tmp = Path(tempfile.mkdtemp())
+    try:
+        shutil.copytree(checkpoint_dir / "checkpoint", tmp / "checkpoint")
+        if isinstance(server, dict) and server:
+            good = json.loads((tmp / "checkpoint" / "server.json").read_text())
+            (tmp / "checkpoint" / "server.json").write_text(json.dumps({**good, **server}))
+        elif server is not None:
+            (tmp / "checkpoint" / "server.json").write_text(json.dumps(server))
+        weights = tmp / "checkpoint" / "global.safetensors"
+        data = bytearray(weights.read_bytes())
+        for pos, mask in flips:
+            data[pos % len(data)] ^= mask
+        weights.write_bytes(bytes(data[: len(data) - cut % (len(data) + 1)] if cut % 3 == 0 else data))
+        expect_refused_or_small(lambda p: load_checkpoint(p)[0].global_state.to_tensors(), tmp, "checkpoint")
+    finally:
+        shutil.rmtree(tmp)
