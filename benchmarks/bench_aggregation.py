@@ -16,7 +16,8 @@ Parts (``--parts``, run in this order):
 Every measurement runs in a fresh child process (``--child``), so its peak resident memory is its own: the
 child resets the kernel's high-water mark (``/proc/self/clear_refs``) once its inputs exist, and reports
 ``VmHWM - VmRSS`` after the aggregation (``tracemalloc`` does not see torch's CPU allocations). Times are
-the fastest of the repeats a child fits into ``--min-time`` seconds (at least one run), under
+the fastest of the repeats a child fits into ``--min-time`` seconds (at least one run, after a warm-up on a
+small module, see :func:`_warm_up`), under
 ``torch.set_num_threads(--threads)`` with ``OMP_WAIT_POLICY=PASSIVE`` (see :func:`child_env`). The first
 run's peak is the one reported.
 """
@@ -121,12 +122,22 @@ def _reset_peak() -> bool:
         return False
 
 
+def _warm_up() -> None:
+    """Run both routes once on a small module, so that a cell measures the aggregation itself and not the
+    process's first LAPACK calls (library initialisation and code paged in: about 1 s of CPU on the first
+    4096 x 4096 call here), which a server pays once, not per module."""
+    small = make_updates(384, 256, [16, 48, 64], seed=12345)
+    for route in ("dense", "factored"):
+        FlexLoRA(svd=route).aggregate(small)
+
+
 def child_main(spec: dict) -> dict:
     """Time one aggregation of one module and measure its peak memory; save the leading triplets."""
     torch.set_num_threads(spec["threads"])
     d, k, ranks = spec["d"], spec["k"], spec["ranks"]
     updates = make_updates(d, k, ranks, spec["seed"])
     agg = FlexLoRA(svd=spec["route"])
+    _warm_up()
     gc.collect()
     exact_peak = _reset_peak()
     rss0 = _status_kib("VmRSS")
@@ -716,7 +727,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--threads", type=int, default=2, help="torch threads in every child (default 2)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--min-time", type=float, default=1.0, help="repeat a cell until this many seconds")
+    p.add_argument("--min-time", type=float, default=2.0, help="repeat a cell until this many seconds")
     p.add_argument("--max-repeats", type=int, default=5)
     p.add_argument("--child-timeout", type=float, default=900.0)
     p.add_argument(
