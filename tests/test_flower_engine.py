@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import pytest
 import torch
@@ -124,3 +125,21 @@ def test_malformed_reply_is_a_failure_naming_node_and_field():
 def test_unknown_placement_is_refused():
     with pytest.raises(ValueError, match="placement"):
         FlowerEngine(FakeGrid({}), "cloud")
+
+
+def test_a_node_that_goes_offline_is_not_waited_for():
+    grid = FakeGrid({})
+
+    def crash(msg):  # answers the query, then disappears while its job is pending
+        if msg.metadata.message_type == "query":
+            return trainer({"lora-rank": 2, "client-id": "c"})(msg)
+        del grid.handlers[4]
+        return None
+
+    grid.handlers.update({4: crash, 5: trainer({"lora-rank": 2, "client-id": "d"})})
+    engine = FlowerEngine(grid, "deployment", round_timeout=60, poll_interval=0.01)
+    start = time.monotonic()
+    out = engine.train([job("c", 2), job("d", 2)])
+    assert time.monotonic() - start < 10  # not the 60 s timeout
+    assert out[0].reason == "node 4 went offline during the round; left out of this round"
+    assert isinstance(out[1], TrainResult)

@@ -12,31 +12,20 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
 
 import yaml
 
 from flexlora.config import RunConfig
 from flexlora.core.adapter_io import write_adapter
-from flexlora.core.aggregators import make_aggregator
 from flexlora.core.aggregators.base import exact_factors
 from flexlora.core.ranks import module_ranks
+from flexlora.core.validation import UpdateLimits
 from flexlora.engines.flower.engine import FlowerEngine
 from flexlora.federation import Federation, FederationPlan
 
 __all__ = ["run_deployment"]
 
 log = logging.getLogger(__name__)
-
-
-def _aggregator(cfg: RunConfig):
-    fed = cfg.federation
-    options: dict[str, Any] = {}
-    if fed.method == "flexlora":
-        options["svd"] = fed.svd
-    elif fed.method == "hetlora":
-        options["sparsity_weighted"] = fed.sparsity_weighted
-    return make_aggregator(fed.method, **options)
 
 
 def _evaluator(cfg: RunConfig, host, tokenizer, exclude: set[str]):
@@ -102,10 +91,25 @@ def run_deployment(cfg: RunConfig, engine: FlowerEngine) -> Path:
         eval_every=fed.eval_every,
     )
     (run_dir / "assignment.json").write_text(json.dumps({c: t.name for c, t in roster.items()}, indent=1))
-    aggregator = _aggregator(cfg)
+    # the same method, robust / DP wrapping and update limits as `flexlora run` (the `security` section)
+    from flexlora.run import _aggregator, _harden
+
+    base = _aggregator(cfg)
+    aggregator = _harden(base, cfg, plan)
     log.info("deployment: method %r over %d nodes", aggregator, len(roster))
     evaluate = _evaluator(cfg, host, tokenizer, set(roster))
-    state = Federation(plan, aggregator, engine, evaluate, run_dir, cfg.to_dict(), progress=False).run()
+    federation = Federation(
+        plan,
+        aggregator,
+        engine,
+        evaluate,
+        run_dir,
+        cfg.to_dict(),
+        progress=False,
+        limits=UpdateLimits(cfg.security.max_examples, cfg.security.norm_bound),
+        round_retries=cfg.security.round_retries,
+    )
+    state = federation.run()
     adapters = run_dir / "adapters"
     write_adapter(
         adapters / "full", exact_factors(state.global_state, plan.alpha, plan.use_rslora), cfg.model.name

@@ -279,7 +279,11 @@ def simulation_engine(cfg: Any, **options: Any) -> FlowerEngine:
 
     if _SERVING:
         engine = FlowerEngine(
-            _SERVING["grid"], _SERVING["placement"], settings=client_settings(cfg), **_SERVING["options"]
+            _SERVING["grid"],
+            _SERVING["placement"],
+            settings=client_settings(cfg),
+            max_examples=cfg.security.max_examples,
+            **_SERVING["options"],
         )
         _SERVING["engines"].append(engine)
         return engine

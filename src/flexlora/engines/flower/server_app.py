@@ -43,7 +43,13 @@ def main(grid: Grid, context: Context) -> None:
     if options.placement == "deployment":
         from flexlora.engines.flower.deployment import run_deployment
 
-        engine = FlowerEngine(grid, "deployment", settings=client_settings(cfg), **engine_options)
+        engine = FlowerEngine(
+            grid,
+            "deployment",
+            settings=client_settings(cfg),
+            max_examples=cfg.security.max_examples,
+            **engine_options,
+        )
         engines.append(engine)
         run_deployment(cfg, engine)
     else:

@@ -117,6 +117,7 @@ def start_simulation(
         settings=client_settings(cfg),
         round_timeout=round_timeout,
         min_nodes=n,
+        max_examples=cfg.security.max_examples,
         on_close=stop,
     )
 
