@@ -128,3 +128,56 @@ def test_constructor_refuses_bad_parameters():
     for kwargs in (dict(rule="mode"), dict(trim=0.5), dict(clip_norm=0.0), dict(clip_norm=float("nan"))):
         with pytest.raises(ValueError):
             RobustAggregator(inner, **kwargs)
+
+
+def test_tiny_federation_with_hostile_clients_robust_median_and_retries(tmp_path, monkeypatch):
+    """End to end on the tiny model and the local engine: two clients send poisoned (NaN, huge) updates;
+    the NaN one is refused, the finite one passes validation and the median contains it."""
+    import flexlora.run as run_module
+    from flexlora.run import run_federation
+    from test_federation import tiny_config
+
+    real_engine = run_module._engine
+
+    class Poisoned:
+        def __init__(self, inner):
+            self.inner, self.name = inner, "poisoned"
+
+        def train(self, jobs):
+            out = self.inner.train(jobs)
+            for i, o in enumerate(out[:2]):  # the first two clients of every round
+                if hasattr(o, "update"):
+                    u = o.update
+                    scale = float("nan") if i == 0 else 1e4
+                    out[i].update = LoraUpdate(
+                        {
+                            n: LoraFactors(f.A, f.B * scale, f.alpha, f.use_rslora)
+                            for n, f in u.modules.items()
+                        },
+                        u.num_examples,
+                        u.client_id,
+                    )
+            return out
+
+        def bytes_moved(self):
+            return self.inner.bytes_moved()
+
+        def close(self):
+            self.inner.close()
+
+    monkeypatch.setattr(run_module, "_engine", lambda *a, **k: Poisoned(real_engine(*a, **k)))
+    cfg = tiny_config(
+        tmp_path,
+        "federation.rounds=1",
+        "federation.clients_per_round=4",
+        "federation.min_clients=2",
+        "security.robust=median",
+        "security.round_retries=1",
+        "eval.generate=false",
+    )
+    result = run_federation(cfg, progress=False)
+    for m in result.metrics[1:]:
+        assert m["received"] == 3 and m["rejected"] == {"B.values": 1}
+        assert torch.isfinite(torch.tensor(m["eval"]["loss"]))
+    spectrum = result.final["spectrum"]["top_singular_values"]
+    assert max(max(v) for v in spectrum.values()) < 10  # the 1e4-scaled client did not take over
