@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from flexlora.config import load_config
 from flexlora.run import run_federation
@@ -29,6 +30,15 @@ OVERRIDES = [
 ]
 
 
+@pytest.fixture
+def one_thread():
+    """The Ray actor trains on one thread; so does the in-process run (2 cores are shared with the actor)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _run(engine: str, out) -> list[dict]:
     cfg = load_config(
         None, [*OVERRIDES, f"federation.engine={engine}", f"output_dir={out}", f"name={engine}"]
@@ -36,7 +46,7 @@ def _run(engine: str, out) -> list[dict]:
     return run_federation(cfg, progress=False).metrics
 
 
-def test_simulation_matches_the_in_process_engine(tmp_path):
+def test_simulation_matches_the_in_process_engine(tmp_path, one_thread):
     local = _run("local", tmp_path)
     flower = _run("flower", tmp_path)
     assert [m["round"] for m in flower] == [0, 1, 2]
