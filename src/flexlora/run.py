@@ -38,7 +38,15 @@ from flexlora.data import open_source
 from flexlora.data.splits import seeded_rng, split_clients
 from flexlora.federation import Federation, FederationPlan
 
-__all__ = ["RunResult", "run_federation", "resume_federation", "environment"]
+__all__ = [
+    "RunResult",
+    "run_federation",
+    "resume_federation",
+    "environment",
+    "build_aggregator",
+    "make_plan",
+    "write_outputs",
+]
 
 log = logging.getLogger("flexlora")
 PACKAGES = ("flexlora", "torch", "transformers", "peft", "flwr", "safetensors", "gguf", "rouge-score")
@@ -65,7 +73,12 @@ def environment() -> dict[str, Any]:
     return {"python": sys.version.split()[0], "platform": platform.platform(), "packages": versions}
 
 
-def _aggregator(cfg: RunConfig):
+def build_aggregator(cfg: RunConfig, plan: FederationPlan):
+    """The configured method, wrapped in the ``security`` section's DP or robust rule."""
+    return _harden(_method(cfg), cfg, plan)
+
+
+def _method(cfg: RunConfig):
     # SLoRA's second stage: FedAvg at the homogeneous rank, or FlexLoRA with heterogeneous ranks
     stage2 = {"slora": "fedavg", "slora+flexlora": "flexlora"}
     method = stage2.get(cfg.federation.method, cfg.federation.method)
@@ -94,6 +107,44 @@ def _harden(aggregator, cfg: RunConfig, plan: FederationPlan):
     if sec.robust != "none":
         return RobustAggregator(aggregator, sec.robust, sec.clip_norm, sec.trim_fraction)
     return aggregator
+
+
+def make_plan(cfg: RunConfig, rank_types: dict, shapes: dict[str, tuple[int, int]]) -> FederationPlan:
+    """The federation plan of a config, for a pool given as ``{client_id: RankType}``."""
+    fed = cfg.federation
+    return FederationPlan(
+        pool=list(rank_types),
+        rank_types=rank_types,
+        shapes=shapes,
+        rounds=fed.rounds,
+        clients_per_round=fed.clients_per_round,
+        min_clients=fed.min_clients,
+        seed=fed.seed,
+        alpha=cfg.model.lora_alpha,
+        use_rslora=cfg.model.use_rslora,
+        eval_every=fed.eval_every,
+    )
+
+
+def write_outputs(run_dir: Path, state, plan: FederationPlan, aggregator, model_name: str) -> None:
+    """``adapters/full`` (the exact global update), ``adapters/<rank type>`` (what a client of each type in
+    the pool receives) and ``summary.json``."""
+    adapters = run_dir / "adapters"
+    write_adapter(
+        adapters / "full", exact_factors(state.global_state, plan.alpha, plan.use_rslora), model_name
+    )
+    for rank_type in {t.name: t for t in plan.rank_types.values()}.values():
+        factors = aggregator.payload(
+            state.global_state, module_ranks(rank_type, plan.shapes), plan.alpha, plan.use_rslora
+        )
+        write_adapter(adapters / rank_type.name, factors, model_name)
+    summary = {
+        "run_dir": str(run_dir),
+        "rounds": state.round,
+        "final": state.metrics[-1],
+        "initial": state.metrics[0],
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
 
 
 def _engine(cfg: RunConfig, host, tokenizer, source, progress: bool):
@@ -128,18 +179,7 @@ def _execute(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool) -> Run
     types = assign_rank_types(len(train_ids), cfg.federation.distribution, cfg.federation.seed)
     model, tokenizer = load_model(cfg.model.name, cfg.model.dtype, cfg.model.device, seed=cfg.federation.seed)
     host = LoraHost(model, cfg.model.target_modules)
-    plan = FederationPlan(
-        pool=train_ids,
-        rank_types=dict(zip(train_ids, types, strict=True)),
-        shapes=host.shapes,
-        rounds=cfg.federation.rounds,
-        clients_per_round=cfg.federation.clients_per_round,
-        min_clients=cfg.federation.min_clients,
-        seed=cfg.federation.seed,
-        alpha=cfg.model.lora_alpha,
-        use_rslora=cfg.model.use_rslora,
-        eval_every=cfg.federation.eval_every,
-    )
+    plan = make_plan(cfg, dict(zip(train_ids, types, strict=True)), host.shapes)
     eval_ids = heldout_ids[: cfg.federation.eval_clients] if cfg.federation.eval_clients else heldout_ids
     trained_ids = train_ids[: cfg.federation.eval_trained_clients]
 
@@ -160,7 +200,7 @@ def _execute(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool) -> Run
     def final_evaluate(factors):
         return evaluate(factors, generate=cfg.eval.generate)
 
-    aggregator = _harden(_aggregator(cfg), cfg, plan)
+    aggregator = build_aggregator(cfg, plan)
     if cfg.federation.method == "fedit":  # FedIT is FedAvg with AdamW as the local optimiser
         cfg.train = dataclasses.replace(cfg.train, optimizer="adamw")
     engine = _engine(cfg, host, tokenizer, source, progress)
@@ -215,22 +255,7 @@ def _execute(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool) -> Run
     finally:
         engine.close()
     # ---------------------------------------------------------------- outputs
-    adapters = run_dir / "adapters"
-    write_adapter(
-        adapters / "full", exact_factors(state.global_state, plan.alpha, plan.use_rslora), cfg.model.name
-    )
-    for rank_type in {t.name: t for t in types}.values():
-        factors = aggregator.payload(
-            state.global_state, module_ranks(rank_type, plan.shapes), plan.alpha, plan.use_rslora
-        )
-        write_adapter(adapters / rank_type.name, factors, cfg.model.name)
-    summary = {
-        "run_dir": str(run_dir),
-        "rounds": state.round,
-        "final": state.metrics[-1],
-        "initial": state.metrics[0],
-    }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    write_outputs(run_dir, state, plan, aggregator, cfg.model.name)
     return RunResult(run_dir, state.metrics)
 
 

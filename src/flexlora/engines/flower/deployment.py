@@ -16,12 +16,10 @@ from pathlib import Path
 import yaml
 
 from flexlora.config import RunConfig
-from flexlora.core.adapter_io import write_adapter
-from flexlora.core.aggregators.base import exact_factors
-from flexlora.core.ranks import module_ranks
 from flexlora.core.validation import UpdateLimits
 from flexlora.engines.flower.engine import FlowerEngine
-from flexlora.federation import Federation, FederationPlan
+from flexlora.federation import Federation
+from flexlora.run import build_aggregator, make_plan, write_outputs
 
 __all__ = ["run_deployment"]
 
@@ -77,25 +75,10 @@ def run_deployment(cfg: RunConfig, engine: FlowerEngine) -> Path:
     roster = engine.roster()
     model, tokenizer = load_model(cfg.model.name, cfg.model.dtype, cfg.model.device, seed=cfg.federation.seed)
     host = LoraHost(model, cfg.model.target_modules)
-    fed = cfg.federation
-    plan = FederationPlan(
-        pool=list(roster),
-        rank_types=roster,
-        shapes=host.shapes,
-        rounds=fed.rounds,
-        clients_per_round=fed.clients_per_round,
-        min_clients=fed.min_clients,
-        seed=fed.seed,
-        alpha=cfg.model.lora_alpha,
-        use_rslora=cfg.model.use_rslora,
-        eval_every=fed.eval_every,
-    )
+    plan = make_plan(cfg, roster, host.shapes)
     (run_dir / "assignment.json").write_text(json.dumps({c: t.name for c, t in roster.items()}, indent=1))
     # the same method, robust / DP wrapping and update limits as `flexlora run` (the `security` section)
-    from flexlora.run import _aggregator, _harden
-
-    base = _aggregator(cfg)
-    aggregator = _harden(base, cfg, plan)
+    aggregator = build_aggregator(cfg, plan)
     log.info("deployment: method %r over %d nodes", aggregator, len(roster))
     evaluate = _evaluator(cfg, host, tokenizer, set(roster))
     federation = Federation(
@@ -110,20 +93,5 @@ def run_deployment(cfg: RunConfig, engine: FlowerEngine) -> Path:
         round_retries=cfg.security.round_retries,
     )
     state = federation.run()
-    adapters = run_dir / "adapters"
-    write_adapter(
-        adapters / "full", exact_factors(state.global_state, plan.alpha, plan.use_rslora), cfg.model.name
-    )
-    for rank_type in {t.name: t for t in roster.values()}.values():
-        factors = aggregator.payload(
-            state.global_state, module_ranks(rank_type, plan.shapes), plan.alpha, plan.use_rslora
-        )
-        write_adapter(adapters / rank_type.name, factors, cfg.model.name)
-    summary = {
-        "run_dir": str(run_dir),
-        "rounds": state.round,
-        "final": state.metrics[-1],
-        "initial": state.metrics[0],
-    }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    write_outputs(run_dir, state, plan, aggregator, cfg.model.name)
     return run_dir
