@@ -15,14 +15,15 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from flexlora.core.lora import LoraUpdate
-from flexlora.data.examples import ClientData
+from flexlora.data.examples import ClientData, Example
 from flexlora.engines.jobs import TrainJob, TrainResult
 from flexlora.models import LoraHost, model_device, response_logits
 from flexlora.prompts import DEFAULT_TEMPLATE, IGNORE_INDEX, LOSS_ON, TEMPLATES, collate, encode_example
 
-__all__ = ["OPTIMIZERS", "SCHEDULES", "TrainConfig", "batch_order", "run_train_job"]
+__all__ = ["OPTIMIZERS", "SCHEDULES", "TrainConfig", "batch_order", "optimise", "run_train_job"]
 
 SCHEDULES: tuple[str, ...] = ("constant", "linear", "cosine")
 OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd")
@@ -156,6 +157,82 @@ def _optimizer(cfg: TrainConfig, params: Sequence[torch.nn.Parameter]) -> torch.
     return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+def optimise(
+    model: nn.Module,
+    tokenizer,
+    examples: Sequence[Example],
+    params: Sequence[torch.nn.Parameter],
+    cfg: TrainConfig,
+    seed: int,
+) -> dict[str, float]:
+    """Train ``params`` of ``model`` on ``examples`` for ``cfg.num_steps(len(examples))`` optimizer steps.
+
+    Batch order and dropout are seeded by ``seed`` under a forked RNG (the caller's RNG is untouched), so
+    the same call gives bit-identical results on CPU. Each step takes ``grad_accum`` micro-batches and its
+    loss is the sum over the step's loss tokens divided by their count (equal to one big batch).
+
+    Returns:
+        ``train_loss`` (mean over steps), ``train_loss_last``, ``steps``, ``seconds``, ``tokens``
+        (non-padding tokens seen), ``loss_tokens``.
+    """
+    from transformers import get_scheduler
+
+    start = time.perf_counter()
+    device = model_device(model)
+    pad_id = tokenizer.pad_token_id
+    encoded = [encode_example(tokenizer, ex, cfg.max_length, cfg.loss_on, cfg.template) for ex in examples]
+    num_steps = cfg.num_steps(len(encoded))
+    was_training = model.training
+    rng_devices = [device.index or 0] if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=rng_devices):
+            torch.manual_seed(seed)  # dropout
+            generator = torch.Generator().manual_seed(seed)  # batch order
+            batches = batch_order(len(encoded), cfg.batch_size, num_steps * cfg.grad_accum, generator)
+            optimizer = _optimizer(cfg, params)
+            scheduler = get_scheduler(
+                _HF_SCHEDULES[cfg.schedule],
+                optimizer,
+                num_warmup_steps=cfg.warmup_steps,
+                num_training_steps=num_steps,
+            )
+            model.train()
+            losses, tokens, loss_tokens = [], 0, 0
+            for step in range(num_steps):
+                micro = [
+                    collate([encoded[i] for i in idx], pad_id)
+                    for idx in batches[step * cfg.grad_accum : (step + 1) * cfg.grad_accum]
+                ]
+                step_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
+                step_loss = 0.0
+                for batch in micro:
+                    batch = {k: v.to(device) for k, v in batch.items()}
+                    logits, targets = response_logits(
+                        model, batch["input_ids"], batch["attention_mask"], batch["labels"]
+                    )  # (n, vocab), (n,)
+                    loss = F.cross_entropy(logits, targets, reduction="sum") / max(step_tokens, 1)
+                    loss.backward()
+                    step_loss += loss.item()
+                    tokens += int(batch["attention_mask"].sum())
+                if cfg.max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(step_loss)
+                loss_tokens += step_tokens
+    finally:
+        model.train(was_training)
+    return {
+        "train_loss": sum(losses) / len(losses),
+        "train_loss_last": losses[-1],
+        "steps": float(num_steps),
+        "seconds": time.perf_counter() - start,
+        "tokens": float(tokens),
+        "loss_tokens": float(loss_tokens),
+    }
+
+
 def run_train_job(
     host: LoraHost, tokenizer, data: ClientData, job: TrainJob, cfg: TrainConfig
 ) -> TrainResult:
@@ -185,73 +262,11 @@ def run_train_job(
         raise ValueError(f"job is for client {job.client_id!r} but the data is client {data.client_id!r}")
     if not data.train:
         raise ValueError(f"client {data.client_id!r} has no training examples; it cannot train")
-    start = time.perf_counter()
-    model = host.model
-    device = model_device(model)
-    pad_id = tokenizer.pad_token_id
-    encoded = [encode_example(tokenizer, ex, cfg.max_length, cfg.loss_on, cfg.template) for ex in data.train]
-    num_steps = cfg.num_steps(len(encoded))
-
-    # ----------------------------------------------------------------------------------------------------
-    # setup: adapter, optimizer, schedule, batches
-    from transformers import get_scheduler
-
-    was_training = model.training
-    rng_devices = [device.index or 0] if device.type == "cuda" else []
     host.load(job.init, job.frozen, job.freeze_A)
     try:
-        with torch.random.fork_rng(devices=rng_devices):
-            torch.manual_seed(job.seed)  # dropout
-            generator = torch.Generator().manual_seed(job.seed)  # batch order
-            batches = batch_order(len(encoded), cfg.batch_size, num_steps * cfg.grad_accum, generator)
-            params = host.trainable_parameters()
-            optimizer = _optimizer(cfg, params)
-            scheduler = get_scheduler(
-                _HF_SCHEDULES[cfg.schedule],
-                optimizer,
-                num_warmup_steps=cfg.warmup_steps,
-                num_training_steps=num_steps,
-            )
-            model.train()
-
-            # --------------------------------------------------------------------------------------------
-            # the loop: grad_accum micro-batches per step, loss = sum over the step's tokens / their count
-            losses, tokens, loss_tokens = [], 0, 0
-            for step in range(num_steps):
-                micro = [
-                    collate([encoded[i] for i in idx], pad_id)
-                    for idx in batches[step * cfg.grad_accum : (step + 1) * cfg.grad_accum]
-                ]
-                step_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
-                step_loss = 0.0
-                for batch in micro:
-                    batch = {k: v.to(device) for k, v in batch.items()}
-                    logits, targets = response_logits(
-                        model, batch["input_ids"], batch["attention_mask"], batch["labels"]
-                    )  # (n, vocab), (n,)
-                    loss = F.cross_entropy(logits, targets, reduction="sum") / max(step_tokens, 1)
-                    loss.backward()
-                    step_loss += loss.item()
-                    tokens += int(batch["attention_mask"].sum())
-                if cfg.max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                losses.append(step_loss)
-                loss_tokens += step_tokens
+        metrics = optimise(host.model, tokenizer, data.train, host.trainable_parameters(), cfg, job.seed)
         trained = host.export()
     finally:
         host.unload()
-        model.train(was_training)
-
-    metrics = {
-        "train_loss": sum(losses) / len(losses),
-        "train_loss_last": losses[-1],
-        "steps": float(num_steps),
-        "seconds": time.perf_counter() - start,
-        "tokens": float(tokens),
-        "loss_tokens": float(loss_tokens),
-    }
     update = LoraUpdate(trained, num_examples=len(data.train), client_id=job.client_id)
     return TrainResult(update=update, metrics=metrics)
