@@ -568,8 +568,13 @@ class Bench:
         self.sections: dict[str, Section] = {}
         self.previous: dict[tuple[str, str], dict] = {}
         self.previous_markdown: dict[str, str] = {}
+        self.started = time.perf_counter()
+        self.previous_seconds = 0.0  # measuring time spent by the invocations resumed from
         if args.resume and args.resume.exists():
             for part, sec in json.loads(args.resume.read_text()).items():
+                if part == "_meta":
+                    self.previous_seconds = sec.get("measured_seconds", 0.0)
+                    continue
                 self.previous_markdown[part] = sec["markdown"]
                 for row in sec["results"]:
                     cells = [v for v in row.values() if isinstance(v, dict)]
@@ -579,7 +584,12 @@ class Bench:
     def save(self) -> None:
         """Write the raw results so far (``--json``), so a long run can be resumed with ``--resume``."""
         if self.args.json:
-            self.args.json.write_text(json.dumps({k: asdict(v) for k, v in self.sections.items()}, indent=1))
+            data = {"_meta": {"measured_seconds": self.measured_seconds()}}
+            data |= {k: asdict(v) for k, v in self.sections.items()}
+            self.args.json.write_text(json.dumps(data, indent=1))
+
+    def measured_seconds(self) -> float:
+        return self.previous_seconds + time.perf_counter() - self.started
 
 
 PARTS: dict[str, Callable[[Bench], Section]] = {
@@ -672,7 +682,8 @@ def report(sections: dict[str, Section], args: argparse.Namespace, argv: list[st
         "",
         f"- Command: `{cmd.strip()}`",
         f"- Machine: {machine()}; `torch.set_num_threads({args.threads})`",
-        f"- Date: {datetime.date.today().isoformat()}; total benchmark time {seconds / 60:.1f} min"
+        f"- Date: {datetime.date.today().isoformat()}; total benchmark time {seconds / 60:.0f} min"
+        + (f" (cells measured by earlier runs were reused from `{args.resume}`)" if args.resume else "")
         + (" (**quick mode**: a smoke run, not the reported numbers)" if args.quick else ""),
         "- Inputs: random float32 factors, `B ~ N(0, 1/r)`, `A ~ N(0, 1/k)`, lora_alpha 16, example counts "
         "50..500; one rank per client from `assign_rank_types(n, distribution, seed=0)` (the attention rank "
@@ -690,22 +701,39 @@ def report(sections: dict[str, Section], args: argparse.Namespace, argv: list[st
 
 
 READING = """\
-- **Why `auto` equals `dense` in many rows.** The factored route costs `O((d + k) R^2)` for the two thin QRs
-  plus a float64 SVD of an `R x R` core; the dense route costs one SVD of `d x k`. With 80 heavy-tail-strong
-  clients (64 of them at rank 200) R is 13,000-15,000, far above `min(d, k)` for every model here, so the
-  factored route cannot win and `auto` falls back to dense: those rows show no speed-up by design. The same
-  holds for every SmolLM2 row except the lightest federations (R = 294 against min(d, k) = 576 sits just above
-  the `R <= min(d, k) / 2` crossover), and for LLaMA-1.3B beyond 10 heavy-tail-light clients.
-- **Why the crossover is at `min(d, k) / 2` and not at `min(d, k)`.** The core SVD runs in float64 (for
-  accuracy) and so costs about as much per row as the float32 dense SVD twice over; see the crossover table.
-  Before this benchmark `auto` switched at `R < min(d, k)` and was up to ~2.5x slower than `dense` for R in
-  (0.6, 1) x min(d, k) (e.g. 80 heavy-tail-light clients at 4096x4096, R = 2352).
-- **Errors.** Both routes are exact in exact arithmetic; the errors are float32 rounding. The largest ones
-  appear where the federation's singular values crowd around a client's rank r (large R, flat random
-  spectra), because a rank-r truncation is only as well determined as the gap `s_r - s_(r+1)`. Real LoRA
-  updates have faster-decaying spectra; the tests check both routes against a float64 reference.
-- **Timing noise.** The 2 cores are shared with other work; dense SVD times of the same matrix varied by up
-  to 2x between runs while this was measured. Treat ratios within ~10-20% as equal.
+- **Where `auto` is the dense route.** `auto` takes the factored route only while R <= min(d, k) / 2. The
+  federations here give R = 294 (10 heavy-tail-light clients), 1574-1808 (10 heavy-tail-strong), 2288-3032
+  (80 heavy-tail-light) and 12,680-14,552 (80 heavy-tail-strong, 64 clients at rank 200). So with 80
+  heavy-tail-strong clients R is 3-25x min(d, k) for every model here, and `auto` is the dense route by design:
+  the stacked factors then hold more numbers than `dW` itself, and the forced factored route is several times
+  slower with about 3x the memory (see the SmolLM2 rows; on the larger modules it is not run). The same holds
+  for all SmolLM2 shapes (min(d, k) = 192 or 576) except 10 heavy-tail-light clients on 1536x576, and for
+  LLaMA-1.3B beyond 10 heavy-tail-light clients. `1 (same)` marks cells where `auto` was not timed again
+  because it runs the dense computation itself.
+- **Why the crossover is at min(d, k) / 2.** The factored route's cost grows as `(d + k) R^2` (two thin QRs,
+  memory-bound on tall-skinny panels) plus a float64 SVD of the R x R core (float64 for accuracy, about twice
+  the cost per row of the float32 dense SVD), and its memory as `(d + k) R` floats plus `8 R^2` bytes for the
+  core. The crossover table shows both: at 4096x4096 the factored route breaks even with the dense one on time
+  near R = 0.75 min(d, k) and on memory near 0.55 min(d, k); at 1024x1024 (quick mode) it breaks even on time
+  near 0.55. Half of min(d, k) is faster on every shape measured and never needs more memory. Before this
+  benchmark `auto` switched at R < min(d, k), and so could be the slower and larger route.
+- **The 50x target at 4096x4096.** Only a federation whose R is small against min(d, k) can reach it: 10
+  heavy-tail-light clients, R = 294, about 1/14 of 4096. With 10 heavy-tail-strong clients R = 1638 = 0.4
+  min(d, k): the factored route is still chosen, faster and leaner, but `(d + k) R^2` is no longer small, so the
+  gain is a few-fold, not 50x.
+- **Errors.** Both routes are exact in exact arithmetic; the table shows float32 rounding. It is largest
+  where the federation's singular values crowd around a client's rank r (large R, flat random spectra), since a
+  rank-r truncation is only as well determined as the gap `s_r - s_(r+1)`. Where `auto` is the dense route its
+  error is 0 by construction. The tests check both routes against a float64 reference.
+- **Memory.** Peak RSS of the aggregation above the child's RSS once its inputs exist: it includes the stacked
+  copy of the inputs, the dense route's `d x k` product and SVD workspace, and the returned state. A few MiB
+  are library code paged in on first use.
+- **Timing on a shared machine.** The 2 cores were shared with other jobs while the committed numbers were
+  taken (load average 6-11), which makes wall times 2-4x the CPU times and noisy, and slows the memory-bound QR
+  panels more than the compute-bound dense SVD. CPU-time ratios are the steadier comparison; treat wall ratios
+  within ~20% as equal. Children run OpenMP with `OMP_WAIT_POLICY=PASSIVE`: with spinning threads a 576 x 576
+  SVD took 1-2 s instead of 0.18 s under this load, which matters as much for a server that aggregates next to
+  training processes.
 """
 
 
@@ -750,13 +778,12 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"unknown part {unknown[0]!r}: use {','.join(PARTS)}")
     torch.set_num_threads(args.threads)
-    t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="flexlora-bench-") as tmp:
         bench = Bench(args, Path(tmp))
         for name in parts:
             bench.sections[name] = PARTS[name](bench)
             bench.save()
-    text = report(bench.sections, args, argv, time.perf_counter() - t0)
+    text = report(bench.sections, args, argv, bench.measured_seconds())
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)
