@@ -28,14 +28,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
@@ -45,9 +43,8 @@ from flexlora.core.errors import AggregationError
 from flexlora.core.lora import LowRank
 from flexlora.data.examples import ClientData
 from flexlora.engines.jobs import TrainFailure, TrainResult
-from flexlora.models import model_device, response_logits
-from flexlora.prompts import IGNORE_INDEX, collate, encode_example
-from flexlora.training import TrainConfig, batch_order
+from flexlora.models import model_device
+from flexlora.training import TrainConfig, optimise
 
 __all__ = [
     "SparseDelta",
@@ -162,69 +159,14 @@ def run_sparse_job(
         ``TrainResult`` whose ``update`` is a :class:`SparseUpdate` (CPU float32 values) and metrics
         ``train_loss``, ``train_loss_last``, ``steps``, ``seconds``, ``trained_params``.
     """
-    from transformers import get_scheduler
-
-    from flexlora.training import _HF_SCHEDULES
-
     if not data.train:
         raise ValueError(f"client {data.client_id!r} has no training examples; it cannot train")
-    start = time.perf_counter()
-    device = model_device(model)
-    encoded = [encode_example(tokenizer, ex, cfg.max_length, cfg.loss_on, cfg.template) for ex in data.train]
-    num_steps = cfg.num_steps(len(encoded))
-    was_training = model.training
-    rng_devices = [device.index or 0] if device.type == "cuda" else []
-    try:
-        with torch.random.fork_rng(devices=rng_devices), sparse_deltas(model, masks, offsets) as values:
-            torch.manual_seed(seed)
-            generator = torch.Generator().manual_seed(seed)
-            batches = batch_order(len(encoded), cfg.batch_size, num_steps * cfg.grad_accum, generator)
-            params = list(values.values())
-            if cfg.optimizer == "adamw":
-                optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-            else:
-                optimizer = torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-            scheduler = get_scheduler(
-                _HF_SCHEDULES[cfg.schedule],
-                optimizer,
-                num_warmup_steps=cfg.warmup_steps,
-                num_training_steps=num_steps,
-            )
-            model.train()
-            losses = []
-            for step in range(num_steps):
-                micro = [
-                    collate([encoded[i] for i in idx], tokenizer.pad_token_id)
-                    for idx in batches[step * cfg.grad_accum : (step + 1) * cfg.grad_accum]
-                ]
-                step_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
-                step_loss = 0.0
-                for batch in micro:
-                    batch = {key: t.to(device) for key, t in batch.items()}
-                    logits, targets = response_logits(
-                        model, batch["input_ids"], batch["attention_mask"], batch["labels"]
-                    )  # (n, vocab), (n,)
-                    loss = F.cross_entropy(logits, targets, reduction="sum") / max(step_tokens, 1)
-                    loss.backward()
-                    step_loss += loss.item()
-                if cfg.max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                losses.append(step_loss)
-            deltas = {
-                n: (masks[n].cpu(), v.detach().to("cpu", torch.float32, copy=True)) for n, v in values.items()
-            }
-    finally:
-        model.train(was_training)
-    metrics = {
-        "train_loss": sum(losses) / len(losses),
-        "train_loss_last": losses[-1],
-        "steps": float(num_steps),
-        "seconds": time.perf_counter() - start,
-        "trained_params": float(sum(len(m) for m in masks.values())),
-    }
+    with sparse_deltas(model, masks, offsets) as values:
+        metrics = optimise(model, tokenizer, data.train, list(values.values()), cfg, seed)
+        deltas = {
+            n: (masks[n].cpu(), v.detach().to("cpu", torch.float32, copy=True)) for n, v in values.items()
+        }
+    metrics["trained_params"] = float(sum(len(m) for m in masks.values()))
     return TrainResult(SparseUpdate(deltas, len(data.train), data.client_id), metrics)  # type: ignore
 
 
