@@ -150,7 +150,9 @@ def _load_pretrained(path: str | Path, dtype: torch.dtype) -> tuple[nn.Module, o
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, local_files_only=True, use_safetensors=True
+    )
     return model, tokenizer
 
 

@@ -34,6 +34,7 @@ from flexlora.checkpoint import ServerState
 from flexlora.core.aggregators import GlobalState, make_aggregator
 from flexlora.core.lora import LoraUpdate
 from flexlora.core.ranks import module_ranks
+from flexlora.core.validation import UpdateLimits, UpdateRejected, check_update
 from flexlora.engines.flower.nodes import NodeBook, wait_for_nodes
 from flexlora.engines.flower.records import (
     MAX_EXAMPLES,
@@ -258,10 +259,20 @@ class FlexLoRAStrategy(Strategy):
                     update, extra, nbytes = update_from_reply(
                         msg.content, job.init, claimed, node, self.max_examples
                     )
-                except ReplyError as exc:
+                    update.client_id = update.client_id or job.client_id
+                    check_update(  # the same checks as our round loop applies on every engine
+                        update,
+                        client_id=update.client_id,
+                        ranks={n: f.rank for n, f in job.init.items()},
+                        shapes=self.shapes,
+                        alpha=self.alpha,
+                        use_rslora=self.use_rslora,
+                        limits=UpdateLimits(self.max_examples),
+                        frozen_A={n: f.A for n, f in job.init.items()} if job.freeze_A else None,
+                    )
+                except (ReplyError, UpdateRejected) as exc:
                     failures[node] = str(exc)
                 else:
-                    update.client_id = update.client_id or job.client_id
                     updates.append(update)
                     metrics.append({**extra, "num-examples": update.num_examples})
                     received += nbytes
