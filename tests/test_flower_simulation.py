@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from flexlora.config import load_config
+from flexlora.core.adapter_io import read_adapter
 from flexlora.run import run_federation
 
 pytestmark = pytest.mark.timeout(400)
@@ -60,3 +61,10 @@ def test_simulation_matches_the_in_process_engine(tmp_path, one_thread):
     assert json.loads((tmp_path / "flower" / "assignment.json").read_text()) == json.loads(
         (tmp_path / "local" / "assignment.json").read_text()
     )
+    # the final global adapters agree to float tolerance
+    ours, theirs = (
+        read_adapter(tmp_path / name / "adapters" / "full")[0].modules for name in ("local", "flower")
+    )
+    assert ours.keys() == theirs.keys()
+    for name, f in ours.items():
+        torch.testing.assert_close(theirs[name].delta(), f.delta(), rtol=1e-5, atol=1e-6)
