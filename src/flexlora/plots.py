@@ -69,6 +69,9 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+_BASELINES = ("fedavg", "fedit", "slora")  # homogeneous baselines: always at homo
+
+
 def _by_distribution(records: Sequence[Any]) -> tuple[list[str], dict[str, list[Any]]]:
     """Heterogeneous distributions (each subplot), and the homogeneous runs shown in every subplot."""
     dists = sorted({r.distribution for r in records if r.distribution != "homo" and "@" not in r.label})
@@ -102,19 +105,43 @@ def _grid(n: int, width: float = 5.0, height: float = 3.8):
     return fig, list(axes[0])
 
 
-def _lines_by_label(ax, runs: Sequence[Any], value, ylabel: str) -> None:
-    labels: dict[str, list[Any]] = {}
+def _color_key(r: Any) -> tuple[str, str]:
+    """Heterogeneous runs share a color across subplots; homogeneous ones keep their own."""
+    return (r.label, r.distribution if r.distribution == "homo" or "@" in r.label else "*")
+
+
+def _palette(records: Sequence[Any]) -> dict[tuple[str, str], Any]:
+    import matplotlib.pyplot as plt
+
+    colors = plt.get_cmap("tab20").colors
+    return {k: colors[i % len(colors)] for i, k in enumerate(sorted({_color_key(r) for r in records}))}
+
+
+def _lines_by_label(
+    ax, runs: Sequence[Any], value, ylabel: str, dist: str | None = None, palette: dict | None = None
+) -> None:
+    """One line per (method, distribution), mean over seeds; a run from another distribution than the
+    subplot's (a homogeneous baseline, a reference, a homo control) is dashed and, where its label does not
+    say it, named with its distribution. SD bands only while few lines share the axes."""
+    groups: dict[tuple[str, str], list[Any]] = {}
     for r in runs:
-        labels.setdefault(r.label, []).append(r)
-    for label, group in labels.items():
+        groups.setdefault((r.label, r.distribution), []).append(r)
+    palette = palette or _palette(runs)
+    for (label, run_dist), group in sorted(groups.items()):
         rounds, means, sds = _mean_by_round(group, value)
         if not rounds:
             continue
-        homo = group[0].distribution == "homo" or "@" in label
+        other = dist is not None and run_dist != dist
+        name = f"{label} [{run_dist}]" if other and "@" not in label and label not in _BASELINES else label
         (line,) = ax.plot(
-            rounds, means, marker=".", ls="--" if homo else "-", label=f"{label} (n={len(group)})"
+            rounds,
+            means,
+            marker=".",
+            ls="--" if other else "-",
+            color=palette[_color_key(group[0])],
+            label=f"{name} (n={len(group)})",
         )
-        if len(group) > 1:
+        if len(group) > 1 and len(groups) <= 6:
             lo = [m - s for m, s in zip(means, sds, strict=True)]
             hi = [m + s for m, s in zip(means, sds, strict=True)]
             ax.fill_between(rounds, lo, hi, color=line.get_color(), alpha=0.12)
@@ -133,7 +160,7 @@ def plot_metric_by_round_grid(records: Sequence[Any], key: str, path: str | Path
     dists, groups = _by_distribution(records)
     fig, axes = _grid(len(dists))
     for ax, dist in zip(axes, dists, strict=True):
-        _lines_by_label(ax, groups[dist], lambda m: m.get("eval", {}).get(key), key)
+        _lines_by_label(ax, groups[dist], lambda m: m.get("eval", {}).get(key), key, dist, _palette(records))
         ax.set_title(f"{key}, held-out clients: {dist}", fontsize=9)
     return _save(fig, Path(path))
 
@@ -145,7 +172,12 @@ def plot_energy_beyond_min_rank(records: Sequence[Any], path: str | Path) -> Pat
     fig, axes = _grid(len(dists))
     for ax, dist in zip(axes, dists, strict=True):
         _lines_by_label(
-            ax, groups[dist], lambda m: m.get("spectrum", {}).get("energy_beyond_min_rank"), "energy share"
+            ax,
+            groups[dist],
+            lambda m: m.get("spectrum", {}).get("energy_beyond_min_rank"),
+            "energy share",
+            dist,
+            _palette(records),
         )
         ax.set_title(f"energy beyond the smallest rank: {dist}", fontsize=9)
     return _save(fig, Path(path))

@@ -297,7 +297,7 @@ class SparseStage:
         total = sum(u.num_examples for u in updates)
         offsets = {}
         for name, lr in previous.modules.items():
-            G = lr.delta().reshape(-1).clone()  # (d k,)
+            G = lr.delta().reshape(-1)  # (d k,), a fresh tensor
             for u in updates:
                 idx, v = u.deltas[name]
                 G.index_add_(0, idx, v, alpha=u.num_examples / total)
