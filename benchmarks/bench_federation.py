@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 NI = ROOT.parent / "shared" / "data" / "natural-instructions-1613.jsonl.gz"
 
 
-def child(pool: int, rounds: int, out: str) -> None:
+def child(pool: int, rounds: int, clients: int, steps: int, out: str) -> None:
     from flexlora.config import load_config
     from flexlora.run import run_federation
 
@@ -36,10 +36,10 @@ def child(pool: int, rounds: int, out: str) -> None:
             f"data.max_clients={pool}",
             "data.num_heldout=20",
             f"federation.rounds={rounds}",
-            "federation.clients_per_round=4",
+            f"federation.clients_per_round={clients}",
             "federation.eval_every=1",
             "federation.eval_clients=10",
-            "train.steps=3",
+            f"train.steps={steps}",
             "eval.max_examples_per_client=2",
             "eval.generate=false",
         ],
@@ -74,16 +74,19 @@ def main() -> None:
     p.add_argument("--child", type=int, help=argparse.SUPPRESS)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--pools", default="50,1435")
+    p.add_argument("--clients", type=int, default=4, help="clients per round")
+    p.add_argument("--steps", type=int, default=3, help="local steps per client")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
     if args.child:
         with tempfile.TemporaryDirectory() as tmp:
-            child(args.child, args.rounds, tmp)
+            child(args.child, args.rounds, args.clients, args.steps, tmp)
         return
     rows = []
     for pool in map(int, args.pools.split(",")):
         proc = subprocess.run(
-            [sys.executable, __file__, "--child", str(pool), "--rounds", str(args.rounds)],
+            [sys.executable, __file__, "--child", str(pool), "--rounds", str(args.rounds)]
+            + ["--clients", str(args.clients), "--steps", str(args.steps)],
             capture_output=True,
             text=True,
             check=True,
@@ -104,8 +107,10 @@ def main() -> None:
     if args.out:
         args.out.write_text(
             "# Federation costs (SmolLM2-135M-Instruct, Natural Instructions, 2 CPU cores)\n\n"
-            f"`python benchmarks/bench_federation.py --rounds {args.rounds} --out {args.out}`\n\n"
-            "LoRA on all 7 projections, heavy-tail-strong ranks, 4 clients x 3 steps at batch 4 per round, "
+            f"`python benchmarks/bench_federation.py --rounds {args.rounds} --clients {args.clients} "
+            f"--steps {args.steps} --out {args.out}`\n\n"
+            f"LoRA on all 7 projections, heavy-tail-strong ranks, {args.clients} clients x {args.steps} steps at "
+            "batch 4 per round, "
             "teacher-forced evaluation on 10 held-out clients x 2 examples; the first round is excluded.\n\n"
             f"{table}\n"
         )
