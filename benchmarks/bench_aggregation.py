@@ -703,7 +703,7 @@ def report(sections: dict[str, Section], args: argparse.Namespace, argv: list[st
             else []
         ),
         f"- Date: {datetime.date.today().isoformat()}; total benchmark time {seconds / 60:.0f} min"
-        + (" (measured in several invocations joined with `--resume`)" if args.resume else "")
+        + (f" (this report re-rendered from `{args.resume}`)" if args.resume else "")
         + (" (**quick mode**: a smoke run, not the reported numbers)" if args.quick else ""),
         "- Inputs: random float32 factors, `B ~ N(0, 1/r)`, `A ~ N(0, 1/k)`, lora_alpha 16, example counts "
         "50..500; one rank per client from `assign_rank_types(n, distribution, seed=0)` (the attention rank "
@@ -727,12 +727,12 @@ READING = """\
   heavy-tail-strong clients R is 3-25x min(d, k) for every model here, and `auto` is the dense route by design:
   the stacked factors then hold more numbers than `dW` itself, and the forced factored route is several times
   slower with about 3x the memory (see the SmolLM2 rows; on the larger modules it is not run). The same holds
-  for every SmolLM2 row (min(d, k) / 2 = 96 or 288, and even the lightest federation has R = 286-294: on
-  576x576 and 1536x576 the factored route would have been 1.2-1.5x faster there, a few tenths of a second the
+  for every SmolLM2 row (min(d, k) / 2 = 96 or 288, and even the lightest federation has R = 286-294; on
+  576x576 and 1536x576 the factored route would have saved under 0.1 s there, what the
   conservative rule leaves), and for LLaMA-1.3B beyond 10 heavy-tail-light clients. `1 (same)` marks cells
   where `auto` was not timed again because it runs the dense computation itself.
-- **Why the crossover is at min(d, k) / 2.** The factored route's cost grows as `(d + k) R^2` (two thin QRs,
-  memory-bound on tall-skinny panels) plus a float64 SVD of the R x R core (float64 for accuracy, about twice
+- **Why the crossover is at min(d, k) / 2.** The factored route's cost grows as `(d + k) R^2` (two thin QRs
+  of tall-skinny panels) plus a float64 SVD of the R x R core (float64 for accuracy, about twice
   the cost per row of the float32 dense SVD), and its memory as `(d + k) R` floats plus `8 R^2` bytes for the
   core. The crossover table shows both: at 4096x4096 the factored route breaks even with the dense one on time
   near R = 0.75 min(d, k) and on memory near 0.55 min(d, k); at 1024x1024 (quick mode) it breaks even on time
@@ -740,14 +740,17 @@ READING = """\
   benchmark `auto` switched at R < min(d, k), and so could be the slower and larger route.
 - **The 50x target at 4096x4096.** Only a federation whose R is small against min(d, k) can reach it: 10
   heavy-tail-light clients, R = 294, about 1/14 of 4096. There the factored route's time is mostly LAPACK's
-  Householder QR (`geqrf`) of the two 4096 x 294 panels, which is memory-bound: under the load of the committed
-  run it took about 0.4 CPU-s per panel (about 2 GFlop/s, against about 35 GFlop/s for a matrix product of the
-  same size), while the compute-bound dense SVD slowed down less. In a spot check on the same machine while it
-  was quiet (load average below 1), the factored route took 0.12 s against 18.7 s for the dense SVD, about 160x
-  (the design notes measured 0.05 s against 9.6 s). A QR built from a float64 Gram matrix (CholeskyQR2, with
-  Householder as the fallback for rank-deficient stacks) would run the panels at matrix-product speed; it is
-  not done here. With 10 heavy-tail-strong clients R = 1638 = 0.4 min(d, k): the factored route is still
-  chosen, faster and leaner, but `(d + k) R^2` is no longer small, so the gain is a few-fold, not 50x.
+  Householder QR (`geqrf`) of the two 4096 x 294 panels, and MKL's 2-thread `geqrf` synchronises its threads
+  column by column: when another process holds one of the two cores, each synchronisation waits for a
+  scheduler slice. While the machine was loaded, one 4096 x 294 QR took 1.2-2.5 s with 2 threads and 0.07-0.1 s
+  with 1 thread. Two spot checks of this row with this script (`--parts routes --shapes 4096x4096 --clients
+  10`): on a quiet machine (load average below 2), dense 20.9 s against auto 0.142 s, 148x, with 0.086 of the
+  memory; with `--threads 1` (load average about 2), dense 28.6 s against auto 0.206 s, 139x. So the target
+  holds whenever the QR panels are not starved. Running the factored route's QRs (or the whole aggregation)
+  single-threaded on a shared CPU would make it hold under load too; not done here, since torch's thread count
+  is process-wide and belongs to whoever runs the server. With 10 heavy-tail-strong clients R = 1638 = 0.4
+  min(d, k): the factored route is still chosen, faster and leaner, but `(d + k) R^2` is no longer small, so the
+  gain is a few-fold, not 50x.
 - **Errors.** Both routes are exact in exact arithmetic; the table shows float32 rounding. It is largest
   where the federation's singular values crowd around a client's rank r (large R, flat random spectra), since a
   rank-r truncation is only as well determined as the gap `s_r - s_(r+1)`. Where `auto` is the dense route its
@@ -756,11 +759,11 @@ READING = """\
   copy of the inputs, the dense route's `d x k` product and SVD workspace, and the returned state. A few MiB
   are library code paged in on first use.
 - **Timing on a shared machine.** The 2 cores were shared with other jobs while the committed numbers were
-  taken (load average 6-11), which makes wall times 2-4x the CPU times and noisy, and slows the memory-bound QR
-  panels more than the compute-bound dense SVD. CPU-time ratios are the steadier comparison; treat wall ratios
-  within ~20% as equal. Children run OpenMP with `OMP_WAIT_POLICY=PASSIVE`: with spinning threads a 576 x 576
-  SVD took 1-2 s instead of 0.18 s under this load, which matters as much for a server that aggregates next to
-  training processes.
+  taken (load average about 2-5: other work held one core much of the time, which is why CPU time is close to
+  wall time in most cells). Timings of one computation repeated in separate cells varied by up to ~1.5x (see
+  the noise check under Targets); treat ratios within that as equal. Children run OpenMP with
+  `OMP_WAIT_POLICY=PASSIVE`: with spinning threads a 576 x 576 SVD took 1-2 s instead of 0.18 s under load,
+  which matters as much for a server that aggregates next to training processes.
 """
 
 
