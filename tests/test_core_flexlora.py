@@ -7,6 +7,7 @@ pins the numbers for 2 clients at ranks 2 and 4.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -211,6 +212,10 @@ def test_singular_values_of_the_state():
     S = torch.linalg.svdvals(dense_sum(updates))
     assert torch.allclose(state.singular_values("m"), S[:10], atol=1e-10)
     assert torch.allclose(state.singular_values("m", top=4), S[:4], atol=1e-10)
+    # read off B's column norms in SVD form; the same factors without the flag take an SVD: same values
+    assert state.svd_form
+    plain = dataclasses.replace(state, svd_form=False)
+    assert torch.allclose(plain.singular_values("m"), state.singular_values("m"), atol=1e-10)
 
 
 # ---------------------------------------------------------------------------------------------------------

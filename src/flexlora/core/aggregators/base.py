@@ -34,17 +34,25 @@ __all__ = [
 
 @dataclass
 class GlobalState:
-    """The global model's update to each base weight: ``modules[name].delta()`` is ``dW (d, k)``."""
+    """The global model's update to each base weight: ``modules[name].delta()`` is ``dW (d, k)``.
+
+    ``svd_form``: every module is already an SVD, ``B = U S`` and ``A = V^T`` (orthonormal columns of ``U``
+    and rows of ``V^T``, ``S`` descending), so its singular values are the column norms of ``B``.
+    """
 
     modules: dict[str, LowRank]
     method: str
     info: dict[str, float] = field(default_factory=dict)
+    svd_form: bool = False
 
     def singular_values(self, name: str, top: int | None = None) -> torch.Tensor:
-        """Singular values of ``dW`` for one module, descending (factored route, never forms ``dW``)."""
+        """Singular values of ``dW`` for one module, descending: ``B``'s column norms in SVD form, else the
+        factored route (never forms ``dW``)."""
         from flexlora.core.svd import svd_lowrank_product
 
         lr = self.modules[name]
+        if self.svd_form:
+            return lr.B.norm(dim=0)[:top]
         return svd_lowrank_product(lr.B, lr.A, route="auto", max_rank=top).S
 
     def to_tensors(self) -> dict[str, torch.Tensor]:

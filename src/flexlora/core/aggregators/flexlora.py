@@ -60,4 +60,4 @@ class FlexLoRA(Aggregator):
             Bs, As = stack_scaled([u.modules[name] for u in updates], weights, self.dtype)  # (d, R), (R, k)
             U, S, Vh = svd_lowrank_product(Bs, As, route=self.svd, max_rank=Bs.shape[1])
             modules[name] = LowRank(U * S, Vh)  # (d, q), (q, k)
-        return GlobalState(modules, self.name)
+        return GlobalState(modules, self.name, svd_form=True)
