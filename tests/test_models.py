@@ -297,6 +297,21 @@ def test_load_replaces_the_previous_adapter_and_frees_it(tiny, pristine, host):
     assert len(list(model.parameters())) == n_params
 
 
+def test_load_at_the_same_layout_reuses_the_adapter_and_only_overwrites_factors(tiny, pristine, host):
+    model, _ = tiny
+    host.load(random_factors(host.shapes, [4] * 14, [8] * 14, seed=1), freeze_A=True)
+    weight = dict(model.named_modules())["model.layers.0.mlp.up_proj"].lora_A["trainable"].weight
+    second = random_factors(host.shapes, [4] * 14, [8] * 14, seed=2)  # same ranks and alphas
+    host.load(second)
+    assert dict(model.named_modules())["model.layers.0.mlp.up_proj"].lora_A["trainable"].weight is weight
+    assert_close(logits(model), logits(merged_copy(pristine, second)))
+    assert len(host.trainable_parameters()) == 28  # freeze_A follows the new call
+    other_alpha = random_factors(host.shapes, [4] * 14, [16] * 14, seed=2)  # a new layout: re-injected
+    host.load(other_alpha)
+    assert dict(model.named_modules())["model.layers.0.mlp.up_proj"].lora_A["trainable"].weight is not weight
+    assert_close(logits(model), logits(merged_copy(pristine, other_alpha)))
+
+
 @pytest.mark.parametrize(
     ("bad", "match"),
     [

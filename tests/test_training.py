@@ -141,6 +141,30 @@ def test_same_job_is_bit_identical_and_the_seed_matters(tiny, host):
     assert any(not torch.equal(a.update.modules[n].B, c.update.modules[n].B) for n in init)
 
 
+def test_a_kept_adapter_trains_like_a_fresh_one_and_the_local_engine_unloads_after_the_round(tiny, host):
+    from flexlora.engines.local import LocalEngine
+
+    model, tok = tiny
+    before = logits(model)
+    init = init_factors(host, seed=3)
+    fresh = run_train_job(host, tok, DATA, TrainJob("c1", 1, 7, init), FAST)
+    run_train_job(host, tok, DATA, TrainJob("c1", 1, 9, init_factors(host, seed=4)), FAST, keep_adapter=True)
+    assert host.loaded
+    kept = run_train_job(host, tok, DATA, TrainJob("c1", 1, 7, init), FAST, keep_adapter=True)  # reused
+    for name in init:
+        assert torch.equal(fresh.update.modules[name].B, kept.update.modules[name].B)
+    host.unload()
+
+    class Source:
+        def load(self, client_id):
+            return DATA
+
+    engine = LocalEngine(host, tok, Source(), FAST, progress=False)
+    results = engine.train([TrainJob("c1", 1, 7, init), TrainJob("c1", 1, 8, init)])
+    assert torch.equal(results[0].update.modules[name].B, fresh.update.modules[name].B)
+    assert not host.loaded and torch.equal(logits(model), before)
+
+
 def test_training_lowers_the_loss(tiny, host):
     _, tok = tiny
     init = init_factors(host, rank=8)

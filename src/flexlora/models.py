@@ -327,6 +327,11 @@ def response_logits(
 # LoRA adapters
 
 
+def _layout(factors: Mapping[str, LoraFactors]) -> tuple:
+    """What an injected adapter's structure depends on: modules, ranks, alphas and ``use_rslora``."""
+    return tuple(sorted((n, f.rank, f.alpha, f.use_rslora) for n, f in factors.items()))
+
+
 class LoraHost:
     """One base model, with PEFT LoRA adapters swapped in and out of it in place.
 
@@ -377,6 +382,9 @@ class LoraHost:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.dropout = dropout
         self._tuner = None
+        self._layout: tuple | None = (
+            None  # (trainable, frozen) modules, ranks and alphas of the adapter in place
+        )
         self._init: dict[str, LoraFactors] = {}
         self._requires_grad: dict[str, bool] = {}
 
@@ -443,7 +451,8 @@ class LoraHost:
         frozen: Mapping[str, LoraFactors] | None = None,
         freeze_A: bool = False,
     ) -> None:
-        """Install a trainable adapter starting from ``init`` (replacing any adapter already installed).
+        """Install a trainable adapter starting from ``init`` (replacing any adapter already installed; one
+        with the same modules, ranks and alphas is kept and only its factors are overwritten).
 
         Args:
             init: factors per module; their ranks, alphas and ``use_rslora`` become the adapter's.
@@ -461,6 +470,12 @@ class LoraHost:
 
         train_config = self._config(init, self.dropout, "trainable")
         frozen_config = self._config(frozen, 0.0, "frozen") if frozen else None
+        layout = (_layout(init), _layout(frozen) if frozen else None)
+        if self._tuner is not None and layout == self._layout:
+            # same modules, ranks and alphas as the adapter in place: overwrite its factors instead of
+            # re-injecting (PEFT's injection costs ~2 s at r200 on SmolLM2's 210 projections)
+            self._install(init, frozen, freeze_A)
+            return
         self.unload()
         self._requires_grad = {n: p.requires_grad for n, p in self.model.named_parameters()}
         # Injection is in place: the LoRA layers replace the targets inside `self.model`; their random
@@ -475,6 +490,12 @@ class LoraHost:
         for adapter in adapters:  # float32 factors on a bf16/fp16 base: the optimizer sees full precision
             cast_adapter_dtype(self.model, adapter)
         self._tuner.set_adapter(adapters)  # both active in the forward pass ...
+        self._layout = layout
+        self._install(init, frozen, freeze_A)
+
+    def _install(
+        self, init: Mapping[str, LoraFactors], frozen: Mapping[str, LoraFactors] | None, freeze_A: bool
+    ) -> None:
         self._copy_in(self.TRAIN, init)
         if frozen:
             self._copy_in(self.FROZEN, frozen)
@@ -512,6 +533,7 @@ class LoraHost:
             return
         self._tuner.unload()
         self._tuner = None
+        self._layout = None
         self._init = {}
         if hasattr(self.model, "peft_config"):  # set by the PEFT tuner on the wrapped model
             del self.model.peft_config

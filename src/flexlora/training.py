@@ -180,15 +180,21 @@ def optimise(
     start = time.perf_counter()
     device = model_device(model)
     pad_id = tokenizer.pad_token_id
-    encoded = [encode_example(tokenizer, ex, cfg.max_length, cfg.loss_on, cfg.template) for ex in examples]
-    num_steps = cfg.num_steps(len(encoded))
+    encoded: dict[int, dict[str, list[int]]] = {}  # only the examples a batch uses are tokenized
+
+    def example(i: int) -> dict[str, list[int]]:
+        if i not in encoded:
+            encoded[i] = encode_example(tokenizer, examples[i], cfg.max_length, cfg.loss_on, cfg.template)
+        return encoded[i]
+
+    num_steps = cfg.num_steps(len(examples))
     was_training = model.training
     rng_devices = [device.index or 0] if device.type == "cuda" else []
     try:
         with torch.random.fork_rng(devices=rng_devices):
             torch.manual_seed(seed)  # dropout
             generator = torch.Generator().manual_seed(seed)  # batch order
-            batches = batch_order(len(encoded), cfg.batch_size, num_steps * cfg.grad_accum, generator)
+            batches = batch_order(len(examples), cfg.batch_size, num_steps * cfg.grad_accum, generator)
             optimizer = _optimizer(cfg, params)
             scheduler = get_scheduler(
                 _HF_SCHEDULES[cfg.schedule],
@@ -200,7 +206,7 @@ def optimise(
             losses, tokens, loss_tokens = [], 0, 0
             for step in range(num_steps):
                 micro = [
-                    collate([encoded[i] for i in idx], pad_id)
+                    collate([example(i) for i in idx], pad_id)
                     for idx in batches[step * cfg.grad_accum : (step + 1) * cfg.grad_accum]
                 ]
                 step_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
@@ -234,12 +240,13 @@ def optimise(
 
 
 def run_train_job(
-    host: LoraHost, tokenizer, data: ClientData, job: TrainJob, cfg: TrainConfig
+    host: LoraHost, tokenizer, data: ClientData, job: TrainJob, cfg: TrainConfig, keep_adapter: bool = False
 ) -> TrainResult:
     """Train one client's adapter for one round.
 
     Installs ``job.init`` (plus ``job.frozen`` and ``job.freeze_A``) into ``host``, trains on ``data.train``
-    and always unloads the adapter again, also on error.
+    and unloads the adapter again, always on error, and on success unless ``keep_adapter`` (the next client
+    at the same ranks then reuses the injected adapter; the caller unloads when done).
 
     Args:
         host: holds the base model (on CPU or CUDA; batches follow the model's device).
@@ -266,7 +273,10 @@ def run_train_job(
     try:
         metrics = optimise(host.model, tokenizer, data.train, host.trainable_parameters(), cfg, job.seed)
         trained = host.export()
-    finally:
+    except BaseException:
+        host.unload()
+        raise
+    if not keep_adapter:
         host.unload()
     update = LoraUpdate(trained, num_examples=len(data.train), client_id=job.client_id)
     return TrainResult(update=update, metrics=metrics)

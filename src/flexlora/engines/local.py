@@ -32,17 +32,23 @@ class LocalEngine:
         from flexlora.training import run_train_job
 
         results: list[TrainResult | TrainFailure] = []
-        for job in tqdm(jobs, desc="clients", leave=False, disable=not self.progress, unit="client"):
-            self._sent += factors_nbytes(job.init) + factors_nbytes(job.frozen or {})
-            try:
-                data = self.source.load(job.client_id)
-                result = run_train_job(self.host, self.tokenizer, data, job, self.train_cfg)
-            except Exception as exc:  # one client's failure must not stop the federation
-                log.exception("client %s failed in round %d", job.client_id, job.round)
-                results.append(TrainFailure(job.client_id, f"{type(exc).__name__}: {exc}"))
-                continue
-            self._received += factors_nbytes(result.update.modules)
-            results.append(result)
+        try:
+            for job in tqdm(jobs, desc="clients", leave=False, disable=not self.progress, unit="client"):
+                self._sent += factors_nbytes(job.init) + factors_nbytes(job.frozen or {})
+                try:
+                    data = self.source.load(job.client_id)
+                    # clients at the same ranks reuse one injected adapter; unloaded after the round
+                    result = run_train_job(
+                        self.host, self.tokenizer, data, job, self.train_cfg, keep_adapter=True
+                    )
+                except Exception as exc:  # one client's failure must not stop the federation
+                    log.exception("client %s failed in round %d", job.client_id, job.round)
+                    results.append(TrainFailure(job.client_id, f"{type(exc).__name__}: {exc}"))
+                    continue
+                self._received += factors_nbytes(result.update.modules)
+                results.append(result)
+        finally:
+            self.host.unload()
         return results
 
     def bytes_moved(self) -> tuple[int, int]:
