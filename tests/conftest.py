@@ -15,6 +15,24 @@ def _threads():
     torch.set_num_threads(2)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module's tests: on a 2-core machine shared with other work, 2 threads
+    spin-wait at every barrier while one is descheduled (measured 20-25x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """``(model, tokenizer)`` of the tiny random Llama, one per test module (tests may wrap it in a host)."""
+    from flexlora.models import load_model
+
+    return load_model("tiny", device="cpu")
+
+
 def tiny_llama_model(seed: int = 0):
     """A 2-layer random Llama (hidden 32, 2 KV heads: k/v_proj are 16 x 32, MLP 64) for adapter tests."""
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -15,21 +15,9 @@ from flexlora.evaluation import (
     rouge_l,
     rouge_tokenize,
 )
-from flexlora.models import load_model
 from flexlora.prompts import encode_example, encode_prompt
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return load_model("tiny", device="cpu")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def client(cid, category, outputs, split="test"):

@@ -31,15 +31,6 @@ OVERRIDES = [
 ]
 
 
-@pytest.fixture
-def one_thread():
-    """The Ray actor trains on one thread; so does the in-process run (2 cores are shared with the actor)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _run(engine: str, out) -> list[dict]:
     cfg = load_config(
         None, [*OVERRIDES, f"federation.engine={engine}", f"output_dir={out}", f"name={engine}"]

@@ -11,18 +11,7 @@ from flexlora.engines.jobs import TrainJob
 from flexlora.models import ALL_PROJECTIONS, LoraHost, load_model
 from flexlora.training import TrainConfig, batch_order, run_train_job
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return load_model("tiny", device="cpu")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
