@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 
+from flexlora.cli.run import add_set_option
+
 __all__ = ["add_parser", "run"]
 
 
@@ -37,14 +39,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--distributions", type=_list, help="comma-separated resource distributions")
     p.add_argument("--seeds", type=_seeds, help="a count (seeds 0..N-1) or a comma-separated list")
     p.add_argument("--out", help="comparison directory (default: OUTPUT_DIR/compare-<config name>)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a key of every cell's config (repeatable)",
-    )
+    add_set_option(p, "override a key of every cell's config (repeatable)")
     p.add_argument("--order", choices=("method", "seed"), help="run all seeds of a method first (default)")
     p.add_argument("--status", action="store_true", help="print every cell's state and exit")
     p.add_argument("--dry-run", action="store_true", help="list the cells and exit")
