@@ -185,14 +185,28 @@ def test_study_configs_open_with_their_command_and_plan_valid_cells(name):
     assert "train.optimizer=sgd" in fedavg.overrides
 
 
-def test_a_second_process_on_the_same_grid_is_refused(tmp_path):
+def test_workers_share_a_grid_a_cell_claimed_by_another_process_is_skipped(tmp_path, monkeypatch):
     import fcntl
 
-    comparison = load_comparison(tiny_base(tmp_path), out=tmp_path / "cmp")
-    (tmp_path / "cmp").mkdir()
-    with open(tmp_path / "cmp" / "lock", "w") as held:
-        held.write("pid 12345\n")
-        held.flush()
-        fcntl.flock(held, fcntl.LOCK_EX)
-        with pytest.raises(ConfigError, match="being run by another process \\(pid 12345\\)"):
-            run_comparison(comparison, progress=False)
+    import flexlora.run
+
+    comparison = load_comparison(tiny_base(tmp_path), out=tmp_path / "cmp", seeds=[0])
+    ran = []
+
+    def fake_run(cfg, **kwargs):
+        ran.append(cfg.run_dir)
+        cfg.run_dir.mkdir(parents=True, exist_ok=True)
+
+    monkeypatch.setattr(flexlora.run, "run_federation", fake_run)
+    held_cell = comparison.cells[0]
+    (tmp_path / "cmp" / "locks").mkdir(parents=True)
+    with open(tmp_path / "cmp" / "locks" / (held_cell.key.replace("/", "__") + ".lock"), "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # another worker is running this cell
+        states = run_comparison(comparison, progress=False)
+    assert states[held_cell.key] == "elsewhere"
+    assert all(states[c.key] == "done" for c in comparison.cells[1:])
+    assert ran == [tmp_path / "cmp" / "cells" / c.key for c in comparison.cells[1:]]
+    # the claims are released: a later worker takes the cell the first one left
+    ran.clear()
+    run_comparison(comparison, progress=False)
+    assert tmp_path / "cmp" / "cells" / held_cell.key in ran

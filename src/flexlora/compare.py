@@ -25,13 +25,14 @@ options override it.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import fcntl
 import json
 import logging
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -269,7 +270,7 @@ class Comparison:
             "overrides": self.overrides,
             "base": self.base,
         }
-        (self.out / "plan.json").write_text(json.dumps(plan, indent=1) + "\n")
+        _write_atomic(self.out / "plan.json", json.dumps(plan, indent=1) + "\n")
 
 
 def load_comparison(
@@ -323,33 +324,45 @@ def run_comparison(
 
     A cell that raises is logged and marked ``failed`` (the others still run) unless ``stop_on_error``;
     ``KeyboardInterrupt`` stops the grid (rerun to resume). ``OUT/progress.md`` is rewritten after each cell.
-    ``OUT/lock`` is held (``flock``) while the grid runs, so a second process on the same ``OUT`` is refused
-    instead of restarting the cell the first one is running.
+    Several processes may work on one grid (workers: start the same command again, on this machine or on
+    another that shares ``OUT``): a process claims a cell with an ``flock`` on ``OUT/locks/<cell>.lock``
+    while it runs it, and the others skip that cell (state ``elsewhere``) instead of running it twice.
 
     Raises:
-        ConfigError: a cell's run directory holds a run with a different config (names the keys), or
-            another process is running this comparison.
+        ConfigError: a cell's run directory holds a run with a different config (names the keys).
     """
     comparison.out.mkdir(parents=True, exist_ok=True)
-    with open(comparison.out / "lock", "a+") as lock:
+    return _run_cells(comparison, progress, stop_on_error)
+
+
+@contextlib.contextmanager
+def claim(out: Path, cell: Cell) -> Iterator[bool]:
+    """Hold ``OUT/locks/<cell>.lock`` (``flock``, released when the process ends, even killed); yields
+    False without waiting when another process holds it."""
+    locks = out / "locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    with open(locks / (cell.key.replace("/", "__") + ".lock"), "a+") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            lock.seek(0)
-            raise ConfigError(
-                f"{comparison.out} is being run by another process ({lock.read().strip() or 'pid unknown'})"
-            ) from None
+            yield False
+            return
         lock.seek(0)
         lock.truncate()
         lock.write(f"pid {os.getpid()}\n")
         lock.flush()
-        return _run_cells(comparison, progress, stop_on_error)
+        yield True
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` in one step, so a worker never reads another's half-written file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _run_cells(comparison: Comparison, progress: bool, stop_on_error: bool) -> dict[str, str]:
     from tqdm.auto import tqdm
-
-    from flexlora.run import resume_federation, run_federation
 
     configs = comparison.configs()
     comparison.write_plan()
@@ -367,27 +380,39 @@ def _run_cells(comparison: Comparison, progress: bool, stop_on_error: bool) -> d
     states: dict[str, str] = {}
     bar = tqdm(total=len(configs), desc="cells", unit="cell", disable=not progress)
     for i, (cell, cfg) in enumerate(configs.items(), 1):
-        state = cell_state(cfg.run_dir, rounds[cell])
-        tqdm.write(f"[cell {i}/{len(configs)}] {cell.key}: {state}")
-        start = time.perf_counter()
-        try:
-            if state == "partial":
-                resume_federation(cfg.run_dir, progress=progress)
-            elif state != "done":
-                run_federation(cfg, overwrite=state == "started", progress=progress)
-            (cfg.run_dir / "cell.json").write_text(json.dumps(asdict(cell) | {"key": cell.key}) + "\n")
-            states[cell.key] = "done"
-        except Exception as exc:
-            if stop_on_error:
-                raise
-            log.exception("cell %s failed", cell.key)
-            tqdm.write(f"[cell {i}/{len(configs)}] {cell.key}: FAILED ({type(exc).__name__}: {exc})")
-            states[cell.key] = "failed"
-        if state != "done":
-            tqdm.write(
-                f"[cell {i}/{len(configs)}] {cell.key}: {states[cell.key]} in {time.perf_counter() - start:.0f} s"
-            )
-        (comparison.out / "progress.md").write_text(progress_table(comparison.cells, comparison.out, rounds))
+        with claim(comparison.out, cell) as mine:
+            state = cell_state(cfg.run_dir, rounds[cell]) if mine else "elsewhere"
+            tag = f"[cell {i}/{len(configs)}] {cell.key}"
+            tqdm.write(f"{tag}: {state}")
+            states[cell.key] = _run_cell(cell, cfg, state, progress, stop_on_error, tag) if mine else state
+        _write_atomic(
+            comparison.out / "progress.md", progress_table(comparison.cells, comparison.out, rounds)
+        )
         bar.update(1)
     bar.close()
     return states
+
+
+def _run_cell(cell: Cell, cfg: RunConfig, state: str, progress: bool, stop_on_error: bool, tag: str) -> str:
+    """Run, resume or reuse one claimed cell; returns ``done`` or ``failed`` and says which under ``tag``."""
+    from tqdm.auto import tqdm
+
+    from flexlora.run import resume_federation, run_federation
+
+    if state == "done":
+        return state
+    start = time.perf_counter()
+    try:
+        if state == "partial":
+            resume_federation(cfg.run_dir, progress=progress)
+        else:
+            run_federation(cfg, overwrite=state == "started", progress=progress)
+        (cfg.run_dir / "cell.json").write_text(json.dumps(asdict(cell) | {"key": cell.key}) + "\n")
+    except Exception as exc:
+        if stop_on_error:
+            raise
+        log.exception("cell %s failed", cell.key)
+        tqdm.write(f"{tag}: FAILED ({type(exc).__name__}: {exc})")
+        return "failed"
+    tqdm.write(f"{tag}: done in {time.perf_counter() - start:.0f} s")
+    return "done"
