@@ -11,7 +11,15 @@ import pytest
 import yaml
 
 from flexlora.cli import main
-from flexlora.report import baseline_of, build_report, collect_runs, mean_sd, sign_flip_test, summarize
+from flexlora.report import (
+    baseline_of,
+    build_report,
+    collect_runs,
+    mean_sd,
+    reference_of,
+    sign_flip_test,
+    summarize,
+)
 
 
 # ---------------------------------------------------------------------------------------------- statistics
@@ -109,6 +117,28 @@ def test_summary_pairs_seeds_with_the_homogeneous_baseline(grid):
     ref = rows[("fedit@r200", "r200")]
     assert ref.baseline == "fedit" and ref.rel["loss"] == pytest.approx([25.0])
     assert rows[("fedit", "homo")].rel == {}
+
+
+def test_head_to_head_pairs_each_method_with_another_at_the_same_distribution(grid, capsys):
+    assert reference_of("flexlora", "uniform") == ("fedit", "homo")
+    assert reference_of("flexlora", "uniform", against="hetlora") == ("hetlora", "uniform")
+    assert reference_of("hetlora", "uniform", against="hetlora") is None
+    fake_run(grid, "hetlora", "uniform", 0, [3.0, 2.0], rouge=20.0, per_client={"c1": 0.1, "c2": 0.1})
+    fake_run(grid, "hetlora", "uniform", 1, [3.0, 2.5], rouge=20.0, per_client={"c1": 0.1, "c2": 0.1})
+    records, _ = collect_runs([grid])
+    rows = {(r.label, r.distribution): r for r in summarize(records, against="hetlora")}
+    flex = rows[("flexlora", "uniform")]
+    assert (flex.baseline, flex.reference_distribution) == ("hetlora", "uniform")
+    # flexlora 1.8, 2.0 vs hetlora 2.0, 2.5 at the same seeds; per client: -0.2 - 0.1 etc., all negative
+    assert flex.diff["loss"] == pytest.approx([-0.2, -0.5]) and flex.rel["rougeL"] == pytest.approx(
+        [10.0, 20.0]
+    )
+    assert flex.n_pairs["loss"] == 4 and flex.p_clients["loss"] == pytest.approx(2 / 16)
+    assert rows[("fedit", "homo")].rel == {} and rows[("hetlora", "uniform")].baseline is None
+    assert main(["report", str(grid), "--against", "hetlora", "--out", str(grid / "h2h"), "--no-plots"]) == 0
+    out = capsys.readouterr().out
+    assert "**loss** vs hetlora at the same distribution" in out
+    assert "| flexlora | uniform | hetlora (uniform) | 2 |" in out
 
 
 def test_last_n_evaluations_are_averaged(grid):

@@ -11,7 +11,8 @@ the seeds that finished.
   positive is better for all), with ``b_s`` the baseline at the same seed (same held-out clients, same
   sampled clients and batches); reported as mean and SD over seeds. Baselines: ``slora+flexlora`` ->
   ``slora``; ``X@RANK`` -> ``X``; every other heterogeneous method -> ``fedit`` (``--baseline``); all at
-  ``homo`` (every client at r8).
+  ``homo`` (every client at r8). With ``against=METHOD`` every row is paired instead with ``METHOD`` at the
+  row's own distribution (e.g. FlexLoRA vs HetLoRA under the same ranks): a head-to-head table.
 * **Paired sign-flip test** over the per-(seed, client) differences ``d_sc = m_sc - b_sc``: under the null
   hypothesis of no difference each ``d_sc`` is as likely to have either sign, so ``p`` is the share of the
   ``2^n`` sign patterns whose ``|mean|`` reaches the observed one (exact for ``n <= 16``, else
@@ -39,6 +40,7 @@ __all__ = [
     "Row",
     "RunRecord",
     "baseline_of",
+    "reference_of",
     "build_report",
     "collect_runs",
     "load_run",
@@ -201,6 +203,17 @@ def baseline_of(label: str, default: str = DEFAULT_BASELINE) -> str | None:
     return default
 
 
+def reference_of(
+    label: str, distribution: str, baseline: str = DEFAULT_BASELINE, against: str | None = None
+) -> tuple[str, str] | None:
+    """The ``(label, distribution)`` a row is paired with: its homogeneous baseline at ``homo``, or with
+    ``against`` that method at the row's distribution (``None``: the row is a reference itself)."""
+    if against is not None:
+        return None if label == against else (against, distribution)
+    base = baseline_of(label, baseline)
+    return (base, "homo") if base else None
+
+
 def _improvement(metric: str, m: float, b: float) -> float:
     if b == 0:
         return math.nan
@@ -214,7 +227,8 @@ class Row:
     label: str
     distribution: str
     seeds: list[int]
-    baseline: str | None
+    baseline: str | None  # the label of the paired reference
+    reference_distribution: str | None
     values: dict[str, list[float]]  # metric -> per seed
     rel: dict[str, list[float]] = field(default_factory=dict)  # metric -> per paired seed, %
     diff: dict[str, list[float]] = field(default_factory=dict)  # metric -> m_s - b_s per paired seed
@@ -226,17 +240,21 @@ class Row:
     )  # metric -> category -> mean rel %
 
 
-def summarize(records: Sequence[RunRecord], baseline: str = DEFAULT_BASELINE) -> list[Row]:
-    """Rows of the comparison (ordered by label then distribution as first seen)."""
+def summarize(
+    records: Sequence[RunRecord], baseline: str = DEFAULT_BASELINE, against: str | None = None
+) -> list[Row]:
+    """Rows of the comparison (ordered by distribution, then label as first seen), each paired with its
+    reference (:func:`reference_of`)."""
     by_key: dict[tuple[str, str], dict[int, RunRecord]] = {}
     for r in records:
         by_key.setdefault((r.label, r.distribution), {})[r.seed] = r
     rows = []
     for (label, dist), runs in by_key.items():
         seeds = sorted(runs)
-        base_label = baseline_of(label, baseline)
-        base = by_key.get((base_label, "homo"), {}) if base_label else {}
-        row = Row(label, dist, seeds, base_label, {})
+        ref = reference_of(label, dist, baseline, against)
+        base = by_key.get(ref, {}) if ref else {}
+        base_label, base_dist = ref or (None, None)
+        row = Row(label, dist, seeds, base_label, base_dist, {})
         for metric in METRICS:
             row.values[metric] = [runs[s].scores[metric] for s in seeds if runs[s].scores[metric] is not None]
             paired = [
@@ -288,9 +306,9 @@ DIGITS = {"loss": 4, "rougeL": 2, "proxy_rougeL": 2}
 NAMES = {"loss": "loss", "rougeL": "Rouge-L", "proxy_rougeL": "proxy Rouge-L"}
 
 
-def markdown_table(rows: Sequence[Row]) -> str:
+def markdown_table(rows: Sequence[Row], against: str | None = None) -> str:
     """The results: absolute scores (mean ± SD over seeds), then per metric the paired comparison with the
-    homogeneous baseline: difference ``m - b`` and relative improvement (mean ± SD over paired seeds), and
+    homogeneous baseline (or with ``against`` at the same distribution): difference ``m - b`` and relative improvement (mean ± SD over paired seeds), and
     the sign-flip p-values over (seed, client) pairs and over seeds."""
     head = ["method", "distribution", "seeds", *(NAMES[m] for m in METRICS)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -302,10 +320,10 @@ def markdown_table(rows: Sequence[Row]) -> str:
         if not paired:
             continue
         better = "lower" if m in LOWER_IS_BETTER else "higher"
+        versus = f"{against} at the same distribution" if against else "the paired homogeneous baseline"
         lines += [
             "",
-            f"**{NAMES[m]}** vs the paired homogeneous baseline ({better} is better; relative improvement > 0 "
-            "is better)",
+            f"**{NAMES[m]}** vs {versus} ({better} is better; relative improvement > 0 is better)",
             "",
             "| method | distribution | vs | paired seeds | difference | rel. impr. % | p (seed x client) | p (seeds) |",
             "|---|---|---|---|---|---|---|---|",
@@ -315,7 +333,7 @@ def markdown_table(rows: Sequence[Row]) -> str:
             cells = [
                 r.label,
                 r.distribution,
-                f"{r.baseline} (homo)",
+                f"{r.baseline} ({r.reference_distribution})",
                 str(len(r.rel[m])),
                 _fmt(r.diff[m], DIGITS[m]),
                 _fmt(r.rel[m], 2),
@@ -326,11 +344,11 @@ def markdown_table(rows: Sequence[Row]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_tables(rows: Sequence[Row], out: Path) -> list[Path]:
+def write_tables(rows: Sequence[Row], out: Path, against: str | None = None) -> list[Path]:
     """``results.md``, ``results.csv`` (one row per (method, distribution)), ``per_category.csv``."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.md").write_text(markdown_table(rows))
-    fields = ["method", "distribution", "seeds", "baseline"]
+    (out / "results.md").write_text(markdown_table(rows, against))
+    fields = ["method", "distribution", "seeds", "baseline", "baseline_distribution"]
     for m in METRICS:
         fields += [f"{m}_mean", f"{m}_sd", f"{m}_diff_mean", f"{m}_diff_sd", f"{m}_rel_mean", f"{m}_rel_sd"]
         fields += [f"{m}_p_seed_client", f"{m}_pairs", f"{m}_p_seeds"]
@@ -343,6 +361,7 @@ def write_tables(rows: Sequence[Row], out: Path) -> list[Path]:
                 "distribution": r.distribution,
                 "seeds": " ".join(map(str, r.seeds)),
                 "baseline": r.baseline or "",
+                "baseline_distribution": r.reference_distribution or "",
             }
             for m in METRICS:
                 rec[f"{m}_mean"], rec[f"{m}_sd"] = mean_sd(r.values[m])
@@ -368,8 +387,10 @@ def build_report(
     baseline: str = DEFAULT_BASELINE,
     last: int = 1,
     plots: bool = True,
+    against: str | None = None,
 ) -> dict[str, Any]:
-    """Tables and plots of the finished runs under ``paths``, written to ``out``.
+    """Tables and plots of the finished runs under ``paths``, written to ``out``; ``against``: pair every
+    row with that method at the same distribution instead of with the homogeneous baseline.
 
     Returns:
         ``{"rows", "files", "runs", "planned"}``: the table rows, the written files, how many finished runs
@@ -381,8 +402,8 @@ def build_report(
     records, plan = collect_runs(paths, last=last)
     if not records:
         raise ValueError(f"no finished run under {', '.join(map(str, paths))}")
-    rows = summarize(records, baseline)
-    files = write_tables(rows, out)
+    rows = summarize(records, baseline, against)
+    files = write_tables(rows, out, against)
     planned = len(plan.get("cells", []))
     status = f"{len(records)} finished runs" + (f" of {planned} planned cells" if planned else "")
     (out / "results.md").write_text(

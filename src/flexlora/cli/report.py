@@ -1,10 +1,11 @@
 """``flexlora report``: tables and plots from finished runs.
 
-flexlora report RUN_DIR... [--out DIR] [--baseline fedit] [--last N] [--no-plots]
+flexlora report RUN_DIR... [--out DIR] [--baseline fedit | --against METHOD] [--last N] [--no-plots]
 
 RUN_DIR is a run directory, or any directory holding runs (a ``flexlora compare`` output). Unfinished runs
 are left out. Writes ``results.md``, ``results.csv``, ``per_category.csv`` and the PNG plots to ``--out``
-(default: the first RUN_DIR's ``report/``) and prints the Markdown table.
+(default: the first RUN_DIR's ``report/``) and prints the Markdown table. ``--against hetlora`` pairs every
+method with HetLoRA at the same distribution (a head-to-head table) instead of with the homogeneous baseline.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR", help="run directories or their parents")
     p.add_argument("--out", type=Path, help="output directory (default: FIRST_RUN_DIR/report)")
     p.add_argument("--baseline", default="fedit", help="homogeneous baseline of heterogeneous methods")
+    p.add_argument(
+        "--against", metavar="METHOD", help="pair every method with METHOD at the same distribution instead"
+    )
     p.add_argument("--last", type=int, default=1, help="average each metric over the last N evaluations")
     p.add_argument("--no-plots", action="store_true", help="tables only")
     p.set_defaults(func=run)
@@ -34,7 +38,9 @@ def run(args: argparse.Namespace) -> int:
     if missing:
         raise FileNotFoundError(f"not a directory: {', '.join(missing)}")
     out = args.out or args.runs[0] / "report"
-    report = build_report(args.runs, out, baseline=args.baseline, last=args.last, plots=not args.no_plots)
+    report = build_report(
+        args.runs, out, baseline=args.baseline, last=args.last, plots=not args.no_plots, against=args.against
+    )
     print((out / "results.md").read_text(), end="")
     planned = f" of {report['planned']} planned" if report["planned"] else ""
     print(f"\n{report['runs']} finished runs{planned}; files in {out}:")
