@@ -210,3 +210,13 @@ def test_workers_share_a_grid_a_cell_claimed_by_another_process_is_skipped(tmp_p
     ran.clear()
     run_comparison(comparison, progress=False)
     assert tmp_path / "cmp" / "cells" / held_cell.key in ran
+
+
+def test_the_plan_keeps_cells_planned_by_earlier_runs_of_a_subset(tmp_path):
+    base, out = tiny_base(tmp_path), tmp_path / "cmp"
+    load_comparison(base, out=out, methods=["fedit"]).write_plan()
+    full = load_comparison(base, out=out)
+    full.write_plan()
+    load_comparison(base, out=out, methods=["flexlora"], seeds=[1]).write_plan()
+    keys = [c["key"] for c in json.loads((out / "plan.json").read_text())["cells"]]
+    assert keys[0] == "fedit/homo/seed0" and sorted(keys) == sorted(c.key for c in full.cells)

@@ -16,7 +16,7 @@ per-method overrides (e.g. ``fedavg: [train.optimizer=sgd, train.lr=0.05]``). At
 shares the held-out split, the rank assignment's placement, the sampled clients, the batches and the initial
 ``A`` (paired schedules). Re-running the comparison reuses finished cells, resumes interrupted ones from
 their checkpoint and starts the rest; a cell whose saved config differs from the planned one is refused
-rather than mixed in. ``OUT/plan.json`` lists the cells, ``OUT/progress.md`` shows where each one stands.
+rather than mixed in. ``OUT/plan.json`` lists the cells planned there so far, ``OUT/progress.md`` shows where each one stands.
 
 A base config may carry a top-level ``compare:`` section (``methods``, ``distributions``, ``seeds``,
 ``method_overrides``, ``out``) that :func:`load_comparison` separates from the run config; command-line
@@ -264,13 +264,20 @@ class Comparison:
         )
 
     def write_plan(self) -> None:
+        """``OUT/plan.json``: every cell planned on ``OUT`` so far (a run of a subset, ``--methods fedit``,
+        adds its cells to the earlier ones instead of hiding them), with this run's base config."""
         self.out.mkdir(parents=True, exist_ok=True)
+        path = self.out / "plan.json"
+        earlier = json.loads(path.read_text()).get("cells", []) if path.is_file() else []
+        now = {c.key: asdict(c) | {"key": c.key} for c in self.cells}
+        seen = {c.get("key") for c in earlier}
         plan = {
-            "cells": [asdict(c) | {"key": c.key} for c in self.cells],
+            "cells": [now.get(c.get("key"), c) for c in earlier]
+            + [c for k, c in now.items() if k not in seen],
             "overrides": self.overrides,
             "base": self.base,
         }
-        _write_atomic(self.out / "plan.json", json.dumps(plan, indent=1) + "\n")
+        _write_atomic(path, json.dumps(plan, indent=1) + "\n")
 
 
 def load_comparison(
