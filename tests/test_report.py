@@ -114,6 +114,7 @@ def test_summary_pairs_seeds_with_the_homogeneous_baseline(grid):
     assert flex.n_pairs["loss"] == 4 and flex.p_clients["loss"] == pytest.approx(2 / 16)
     assert flex.p_seeds["loss"] == pytest.approx(2 / 4)
     assert flex.category_rel["loss"]["qa"] == pytest.approx((100 * 0.2 / 1.9 + 100 * 0.5 / 2.4) / 2)
+    assert flex.category_gain["loss"]["qa"] == pytest.approx((0.2 + 0.5) / 2)  # b - m: > 0 is better
     ref = rows[("fedit@r200", "r200")]
     assert ref.baseline == "fedit" and ref.rel["loss"] == pytest.approx([25.0])
     assert rows[("fedit", "homo")].rel == {}

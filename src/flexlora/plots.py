@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -222,12 +223,16 @@ def plot_spectrum_by_round(records: Sequence[Any], path: str | Path, kind: str |
 
 
 def plot_improvement_by_category(rows: Sequence[Any], metric: str, path: str | Path) -> Path:
-    """Relative improvement (%) over the paired homogeneous baseline per task category (mean over seeds of
-    the held-out clients of that category): one subplot per distribution, one bar per method."""
+    """Improvement over the paired reference per task category, in the metric's own units (``m - b``, or
+    ``b - m`` for the loss: > 0 is better; mean over seeds of the held-out clients of that category): one
+    subplot per distribution, one bar per method. Absolute, not relative: a category whose baseline scores
+    near 0 would dominate a relative plot with a few examples."""
     plt = _pyplot()
-    rows = [r for r in rows if r.category_rel.get(metric)]
+    rows = [r for r in rows if r.category_gain.get(metric)]
     dists = sorted({r.distribution for r in rows}) or ["-"]
-    cats = sorted({c for r in rows for c in r.category_rel[metric]})
+    cats = sorted(
+        {c for r in rows for c, v in r.category_gain[metric].items() if not math.isnan(v)}, reverse=True
+    )
     height = max(3.5, 0.22 * len(cats) * max(1, len({r.label for r in rows})) ** 0.5 + 1.5)
     fig, axes = plt.subplots(
         1, len(dists), figsize=(5.5 * len(dists), height), dpi=110, squeeze=False, sharey=True
@@ -237,11 +242,11 @@ def plot_improvement_by_category(rows: Sequence[Any], metric: str, path: str | P
         width = 0.8 / max(1, len(group))
         for j, r in enumerate(group):
             ys = [i + j * width for i in range(len(cats))]
-            ax.barh(ys, [r.category_rel[metric].get(c, 0.0) for c in cats], height=width, label=r.label)
+            ax.barh(ys, [r.category_gain[metric].get(c, 0.0) for c in cats], height=width, label=r.label)
         ax.set_yticks([i + 0.4 - width / 2 for i in range(len(cats))])
         ax.set_yticklabels([c[:40] for c in cats], fontsize=6)
         ax.axvline(0, color="k", lw=0.6)
-        ax.set_xlabel(f"relative improvement in {metric} (%)")
+        ax.set_xlabel(f"improvement in {metric} over the reference (> 0 better)")
         ax.set_title(f"by category: {dist}", fontsize=9)
         ax.grid(alpha=0.3, axis="x")
         ax.legend(fontsize=7)
@@ -256,7 +261,7 @@ def comparison_plots(records: Sequence[Any], rows: Sequence[Any], out: str | Pat
         if any(m.get("eval", {}).get(key) is not None for r in records for m in r.metrics if m.get("round")):
             paths.append(plot_metric_by_round_grid(records, key, out / f"{key}_by_round.png"))
     for metric in ("loss", "rougeL"):
-        if any(r.category_rel.get(metric) for r in rows):
+        if any(r.category_gain.get(metric) for r in rows):
             paths.append(
                 plot_improvement_by_category(rows, metric, out / f"improvement_by_category_{metric}.png")
             )

@@ -214,10 +214,13 @@ def reference_of(
     return (base, "homo") if base else None
 
 
+def _gain(metric: str, m: float, b: float) -> float:
+    """``m - b`` oriented so that > 0 is better (``b - m`` for the loss)."""
+    return (b - m) if metric in LOWER_IS_BETTER else (m - b)
+
+
 def _improvement(metric: str, m: float, b: float) -> float:
-    if b == 0:
-        return math.nan
-    return 100 * ((b - m) if metric in LOWER_IS_BETTER else (m - b)) / abs(b)
+    return math.nan if b == 0 else 100 * _gain(metric, m, b) / abs(b)
 
 
 @dataclass
@@ -238,6 +241,9 @@ class Row:
     category_rel: dict[str, dict[str, float]] = field(
         default_factory=dict
     )  # metric -> category -> mean rel %
+    category_gain: dict[str, dict[str, float]] = field(
+        default_factory=dict
+    )  # metric -> category -> mean gain in metric units, > 0 better
 
 
 def summarize(
@@ -276,14 +282,14 @@ def summarize(
             if pairs:
                 row.p_clients[metric] = sign_flip_test(pairs)
                 row.n_pairs[metric] = len(pairs)
-            cats: dict[str, list[float]] = {}
+            cats: dict[str, list[tuple[float, float]]] = {}
             for s in paired:
                 for cat, v in runs[s].per_category[metric].items():
                     if cat in base[s].per_category[metric]:
-                        cats.setdefault(cat, []).append(
-                            _improvement(metric, v, base[s].per_category[metric][cat])
-                        )
-            row.category_rel[metric] = {c: sum(v) / len(v) for c, v in sorted(cats.items())}
+                        b = base[s].per_category[metric][cat]
+                        cats.setdefault(cat, []).append((_improvement(metric, v, b), _gain(metric, v, b)))
+            row.category_rel[metric] = {c: sum(r for r, _ in v) / len(v) for c, v in sorted(cats.items())}
+            row.category_gain[metric] = {c: sum(g for _, g in v) / len(v) for c, v in sorted(cats.items())}
         rows.append(row)
     order = {
         d: i for i, d in enumerate(("homo", "uniform", "heavy-tail-light", "normal", "heavy-tail-strong"))
@@ -373,11 +379,23 @@ def write_tables(rows: Sequence[Row], out: Path, against: str | None = None) -> 
             w.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in rec.items()})
     with open(out / "per_category.csv", "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["method", "distribution", "baseline", "metric", "category", "rel_improvement_pct"])
+        w.writerow(
+            ["method", "distribution", "baseline", "metric", "category", "rel_improvement_pct", "gain"]
+        )
         for r in rows:
             for m, cats in r.category_rel.items():
                 for cat, v in cats.items():
-                    w.writerow([r.label, r.distribution, r.baseline, m, cat, f"{v:.4f}"])
+                    w.writerow(
+                        [
+                            r.label,
+                            r.distribution,
+                            r.baseline,
+                            m,
+                            cat,
+                            f"{v:.4f}",
+                            f"{r.category_gain[m][cat]:.4f}",
+                        ]
+                    )
     return [out / "results.md", out / "results.csv", out / "per_category.csv"]
 
 
