@@ -202,7 +202,7 @@ def _records(run_dir: Path) -> list[dict[str, Any]]:
 
 def progress_table(cells: Sequence[Cell], out: Path, rounds: Mapping[Cell, int]) -> str:
     """A Markdown table of every cell: state, rounds done, last held-out loss, seconds per round, and at the
-    end the cells done and an estimate of the time left (from the mean seconds per round so far)."""
+    end the cells done and an estimate of the time left for one worker (the mean seconds per round so far)."""
     lines = [
         "| # | cell | state | rounds | last eval loss | s/round |",
         "|---|---|---|---|---|---|",
@@ -231,7 +231,8 @@ def progress_table(cells: Sequence[Cell], out: Path, rounds: Mapping[Cell, int])
     eta = spent / rounds_done * rounds_left / 3600 if rounds_done else float("nan")
     lines.append("")
     lines.append(
-        f"{done}/{len(cells)} cells done; {rounds_left} rounds left, about {eta:.1f} h at the mean pace so far."
+        f"{done}/{len(cells)} cells done; {rounds_left} rounds left, about {eta:.1f} h of one worker "
+        "at the mean pace so far (divide by the number of workers)."
     )
     return "\n".join(lines) + "\n"
 
