@@ -16,7 +16,8 @@ per-method overrides (e.g. ``fedavg: [train.optimizer=sgd, train.lr=0.05]``). At
 shares the held-out split, the rank assignment's placement, the sampled clients, the batches and the initial
 ``A`` (paired schedules). Re-running the comparison reuses finished cells, resumes interrupted ones from
 their checkpoint and starts the rest; a cell whose saved config differs from the planned one is refused
-rather than mixed in. ``OUT/plan.json`` lists the cells planned there so far, ``OUT/progress.md`` shows where each one stands.
+rather than mixed in. ``OUT/plan.json`` lists the cells planned there so far, ``OUT/progress.md`` shows
+where each one stands.
 
 A base config may carry a top-level ``compare:`` section (``methods``, ``distributions``, ``seeds``,
 ``method_overrides``, ``out``) that :func:`load_comparison` separates from the run config; command-line
@@ -349,16 +350,12 @@ def claim(out: Path, cell: Cell) -> Iterator[bool]:
     False without waiting when another process holds it."""
     locks = out / "locks"
     locks.mkdir(parents=True, exist_ok=True)
-    with open(locks / (cell.key.replace("/", "__") + ".lock"), "a+") as lock:
+    with open(locks / (cell.key.replace("/", "__") + ".lock"), "a") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             yield False
             return
-        lock.seek(0)
-        lock.truncate()
-        lock.write(f"pid {os.getpid()}\n")
-        lock.flush()
         yield True
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -230,9 +229,7 @@ def plot_improvement_by_category(rows: Sequence[Any], metric: str, path: str | P
     plt = _pyplot()
     rows = [r for r in rows if r.category_gain.get(metric)]
     dists = sorted({r.distribution for r in rows}) or ["-"]
-    cats = sorted(
-        {c for r in rows for c, v in r.category_gain[metric].items() if not math.isnan(v)}, reverse=True
-    )
+    cats = sorted({c for r in rows for c in r.category_gain[metric]}, reverse=True)
     height = max(3.5, 0.22 * len(cats) * max(1, len({r.label for r in rows})) ** 0.5 + 1.5)
     fig, axes = plt.subplots(
         1, len(dists), figsize=(5.5 * len(dists), height), dpi=110, squeeze=False, sharey=True

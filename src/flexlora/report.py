@@ -314,8 +314,9 @@ NAMES = {"loss": "loss", "rougeL": "Rouge-L", "proxy_rougeL": "proxy Rouge-L"}
 
 def markdown_table(rows: Sequence[Row], against: str | None = None) -> str:
     """The results: absolute scores (mean ± SD over seeds), then per metric the paired comparison with the
-    homogeneous baseline (or with ``against`` at the same distribution): difference ``m - b`` and relative improvement (mean ± SD over paired seeds), and
-    the sign-flip p-values over (seed, client) pairs and over seeds."""
+    homogeneous baseline (or with ``against`` at the same distribution): difference ``m - b`` and relative
+    improvement (mean ± SD over paired seeds), and the sign-flip p-values over (seed, client) pairs and over
+    seeds."""
     head = ["method", "distribution", "seeds", *(NAMES[m] for m in METRICS)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
