@@ -6,6 +6,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from flexlora.report import mean_sd
+
 __all__ = [
     "comparison_plots",
     "eval_series",
@@ -91,12 +93,8 @@ def _mean_by_round(runs: Sequence[Any], value) -> tuple[list[int], list[float], 
             if v is not None:
                 per_round.setdefault(m["round"], []).append(v)
     rounds = sorted(r for r, v in per_round.items() if len(v) == len(runs))
-    means = [sum(per_round[r]) / len(per_round[r]) for r in rounds]
-    sds = []
-    for r, m in zip(rounds, means, strict=True):
-        v = per_round[r]
-        sds.append((sum((x - m) ** 2 for x in v) / (len(v) - 1)) ** 0.5 if len(v) > 1 else 0.0)
-    return rounds, means, sds
+    stats = [mean_sd(per_round[r]) for r in rounds]
+    return rounds, [m for m, _ in stats], [sd for _, sd in stats]
 
 
 def _grid(n: int, width: float = 5.0, height: float = 3.8):

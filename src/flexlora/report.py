@@ -59,12 +59,13 @@ RESAMPLES = 20_000
 
 # ---------------------------------------------------------------------------------------------- statistics
 def mean_sd(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample SD (``n - 1``; 0 for one value); ``(nan, nan)`` for none."""
+    """Mean and sample SD (``n - 1``); the SD of one value is undefined (``nan``: an empty CSV field, not a
+    spread of 0), and both are ``nan`` for none."""
     n = len(values)
     if n == 0:
         return math.nan, math.nan
     m = sum(values) / n
-    return m, (math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0)
+    return m, (math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1)) if n > 1 else math.nan)
 
 
 def sign_flip_test(diffs: Sequence[float], resamples: int = RESAMPLES, seed: int = 0) -> float:
