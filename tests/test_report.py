@@ -165,3 +165,19 @@ def test_report_files_and_cli(grid, capsys):
     out = capsys.readouterr().out
     assert "**loss** vs the paired homogeneous baseline" in out and "5 finished runs of 7 planned" in out
     assert main(["report", str(grid / "nope")]) == 2
+
+
+@pytest.mark.parametrize("lines, figure_legend", [(3, False), (8, True)])
+def test_many_lines_share_one_figure_legend(lines, figure_legend):
+    from flexlora.plots import _grid, _legends
+
+    fig, axes = _grid(2)
+    for ax in axes:
+        for i in range(lines):
+            ax.plot([0, 1], [i, i], label=f"method{i}")
+        ax.legend()
+    _legends(fig, axes)
+    assert len(fig.legends) == int(figure_legend)
+    assert all((ax.get_legend() is None) == figure_legend for ax in axes)
+    if figure_legend:  # one entry per method, not one per subplot
+        assert [t.get_text() for t in fig.legends[0].get_texts()] == [f"method{i}" for i in range(lines)]

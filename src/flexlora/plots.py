@@ -64,7 +64,7 @@ def _pyplot():
 def _save(fig, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")
     import matplotlib.pyplot as plt
 
     plt.close(fig)
@@ -152,6 +152,23 @@ def _lines_by_label(
     ax.legend(fontsize=7)
 
 
+def _legends(fig, axes, max_lines: int = 6) -> None:
+    """Per-axes legends while few lines share the axes; otherwise one legend for the whole figure, under
+    the subplots, so that it does not hide the curves (a method keeps its color across subplots)."""
+    entries: dict[str, Any] = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            entries.setdefault(label, handle)
+    if max(len(ax.get_lines()) for ax in axes) <= max_lines:
+        return
+    for ax in axes:
+        if (legend := ax.get_legend()) is not None:
+            legend.remove()
+    fig.legend(
+        entries.values(), entries.keys(), loc="upper center", bbox_to_anchor=(0.5, 0), ncol=4, fontsize=7
+    )
+
+
 def plot_metric_by_round_grid(records: Sequence[Any], key: str, path: str | Path) -> Path:
     """Held-out ``eval[key]`` by round: one subplot per distribution, one line per method (mean over seeds,
     band = SD); homogeneous baselines (dashed) appear in every subplot."""
@@ -160,6 +177,7 @@ def plot_metric_by_round_grid(records: Sequence[Any], key: str, path: str | Path
     for ax, dist in zip(axes, dists, strict=True):
         _lines_by_label(ax, groups[dist], lambda m: m.get("eval", {}).get(key), key, dist, _palette(records))
         ax.set_title(f"{key}, held-out clients: {dist}", fontsize=9)
+    _legends(fig, axes)
     return _save(fig, Path(path))
 
 
@@ -178,6 +196,7 @@ def plot_energy_beyond_min_rank(records: Sequence[Any], path: str | Path) -> Pat
             _palette(records),
         )
         ax.set_title(f"energy beyond the smallest rank: {dist}", fontsize=9)
+    _legends(fig, axes)
     return _save(fig, Path(path))
 
 
