@@ -117,6 +117,9 @@ def test_summary_pairs_seeds_with_the_homogeneous_baseline(grid):
     assert flex.category_gain["loss"]["qa"] == pytest.approx((0.2 + 0.5) / 2)  # b - m: > 0 is better
     ref = rows[("fedit@r200", "r200")]
     assert ref.baseline == "fedit" and ref.rel["loss"] == pytest.approx([25.0])
+    assert (
+        "loss" in ref.p_clients and "loss" not in ref.p_seeds
+    )  # one paired seed: nothing to test over seeds
     assert rows[("fedit", "homo")].rel == {}
 
 

@@ -273,7 +273,8 @@ def summarize(
                 _improvement(metric, runs[s].scores[metric], base[s].scores[metric]) for s in paired
             ]
             row.diff[metric] = [runs[s].scores[metric] - base[s].scores[metric] for s in paired]
-            row.p_seeds[metric] = sign_flip_test(row.diff[metric])
+            if len(paired) > 1:  # one seed-level difference cannot be tested (its p would always be 1)
+                row.p_seeds[metric] = sign_flip_test(row.diff[metric])
             pairs = [
                 runs[s].per_client[metric][c] - base[s].per_client[metric][c]
                 for s in paired
