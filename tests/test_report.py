@@ -117,9 +117,8 @@ def test_summary_pairs_seeds_with_the_homogeneous_baseline(grid):
     assert flex.category_gain["loss"]["qa"] == pytest.approx((0.2 + 0.5) / 2)  # b - m: > 0 is better
     ref = rows[("fedit@r200", "r200")]
     assert ref.baseline == "fedit" and ref.rel["loss"] == pytest.approx([25.0])
-    assert (
-        "loss" in ref.p_clients and "loss" not in ref.p_seeds
-    )  # one paired seed: nothing to test over seeds
+    # one paired seed: nothing to test over seeds
+    assert "loss" in ref.p_clients and "loss" not in ref.p_seeds
     assert rows[("fedit", "homo")].rel == {}
 
 
@@ -178,7 +177,6 @@ def test_many_lines_share_one_figure_legend(lines, figure_legend):
     for ax in axes:
         for i in range(lines):
             ax.plot([0, 1], [i, i], label=f"method{i}")
-        ax.legend()
     _legends(fig, axes)
     assert len(fig.legends) == int(figure_legend)
     assert all((ax.get_legend() is None) == figure_legend for ax in axes)

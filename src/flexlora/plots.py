@@ -72,6 +72,7 @@ def _save(fig, path: Path) -> Path:
 
 
 _BASELINES = ("fedavg", "fedit", "slora")  # homogeneous baselines: always at homo
+_FEW_LINES = 6  # up to this many lines per panel: SD bands and a legend on the panel itself
 
 
 def _by_distribution(records: Sequence[Any]) -> tuple[list[str], dict[str, list[Any]]]:
@@ -120,7 +121,8 @@ def _lines_by_label(
 ) -> None:
     """One line per (method, distribution), mean over seeds; a run from another distribution than the
     subplot's (a homogeneous baseline, a reference, a homo control) is dashed and, where its label does not
-    say it, named with its distribution. SD bands only while few lines share the axes."""
+    say it, named with its distribution. SD bands only while few lines share the axes; the legend is left
+    to :func:`_legends`."""
     groups: dict[tuple[str, str], list[Any]] = {}
     for r in runs:
         groups.setdefault((r.label, r.distribution), []).append(r)
@@ -139,7 +141,7 @@ def _lines_by_label(
             color=palette[_color_key(group[0])],
             label=f"{name} (n={len(group)})",
         )
-        if len(group) > 1 and len(groups) <= 6:
+        if len(group) > 1 and len(groups) <= _FEW_LINES:
             lo = [m - s for m, s in zip(means, sds, strict=True)]
             hi = [m + s for m, s in zip(means, sds, strict=True)]
             ax.fill_between(rounds, lo, hi, color=line.get_color(), alpha=0.12)
@@ -149,21 +151,19 @@ def _lines_by_label(
     ax.set_xlabel("round")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
 
 
-def _legends(fig, axes, max_lines: int = 6) -> None:
+def _legends(fig, axes) -> None:
     """Per-axes legends while few lines share the axes; otherwise one legend for the whole figure, under
     the subplots, so that it does not hide the curves (a method keeps its color across subplots)."""
+    if max(len(ax.get_lines()) for ax in axes) <= _FEW_LINES:
+        for ax in axes:
+            ax.legend(fontsize=7)
+        return
     entries: dict[str, Any] = {}
     for ax in axes:
         for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
             entries.setdefault(label, handle)
-    if max(len(ax.get_lines()) for ax in axes) <= max_lines:
-        return
-    for ax in axes:
-        if (legend := ax.get_legend()) is not None:
-            legend.remove()
     fig.legend(
         entries.values(), entries.keys(), loc="upper center", bbox_to_anchor=(0.5, 0), ncol=4, fontsize=7
     )
