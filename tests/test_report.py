@@ -169,6 +169,36 @@ def test_report_files_and_cli(grid, capsys):
     assert main(["report", str(grid / "nope")]) == 2
 
 
+def test_kept_records_rebuild_the_same_tables_and_new_runs_replace_archived_ones(grid, tmp_path_factory):
+    out = tmp_path_factory.mktemp("results")
+    assert main(["report", str(grid), "--out", str(out), "--no-plots", "--keep-records"]) == 0
+    kept = out / "records"
+    assert (kept / "plan.json").is_file() and (
+        kept / "fedit@r200" / "r200" / "seed0" / "metrics.jsonl"
+    ).is_file()
+    assert not (kept / "flexlora" / "uniform" / "seed2").exists()  # unfinished runs are not kept
+    first = (out / "results.csv").read_text()
+    again = tmp_path_factory.mktemp("again")
+    assert main(["report", str(kept), "--out", str(again), "--no-plots"]) == 0
+    assert (again / "results.csv").read_text() == first
+    # a rerun of one cell listed before the archive wins; the archive's other cells still count
+    new = tmp_path_factory.mktemp("new")
+    fake_run(new, "fedit@r200", "r200", 0, [3.0, 1.2], rouge=31.0)
+    records, plan = collect_runs([new, kept])
+    assert len(records) == 5 and len(plan["cells"]) == 7
+    assert next(r for r in records if r.label == "fedit@r200").scores["loss"] == 1.2
+    # and rewriting the archive from itself plus the new run keeps exactly the table's runs
+    assert main(["report", str(new), str(kept), "--out", str(out), "--no-plots", "--keep-records"]) == 0
+    assert sorted(p.parent.relative_to(kept).as_posix() for p in kept.rglob("metrics.jsonl")) == [
+        "fedit/homo/seed0",
+        "fedit/homo/seed1",
+        "fedit@r200/r200/seed0",
+        "flexlora/uniform/seed0",
+        "flexlora/uniform/seed1",
+    ]
+    assert '"loss": 1.2' in (kept / "fedit@r200" / "r200" / "seed0" / "metrics.jsonl").read_text()
+
+
 @pytest.mark.parametrize("lines, figure_legend", [(3, False), (8, True)])
 def test_many_lines_share_one_figure_legend(lines, figure_legend):
     from flexlora.plots import _grid, _legends

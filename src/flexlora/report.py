@@ -28,6 +28,7 @@ import csv
 import itertools
 import json
 import math
+import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +44,7 @@ __all__ = [
     "reference_of",
     "build_report",
     "collect_runs",
+    "keep_records",
     "load_run",
     "mean_sd",
     "sign_flip_test",
@@ -55,6 +57,9 @@ LOWER_IS_BETTER = {"loss"}
 DEFAULT_BASELINE = "fedit"
 EXACT_MAX = 16
 RESAMPLES = 20_000
+# what a run's record keeps: its config, identity, provenance, rank placement, per-round metrics and summary
+# (no checkpoint, adapter or log): enough for ``flexlora report`` to rebuild every table and plot
+RECORD_FILES = ("config.yaml", "cell.json", "run.json", "assignment.json", "metrics.jsonl", "summary.json")
 
 
 # ---------------------------------------------------------------------------------------------- statistics
@@ -176,8 +181,12 @@ def load_run(run_dir: str | Path, last: int = 1, finished_only: bool = True) -> 
 
 def collect_runs(paths: Sequence[str | Path], last: int = 1) -> tuple[list[RunRecord], dict[str, Any]]:
     """Finished runs under ``paths`` (run directories, or directories holding them, e.g. a comparison's
-    ``OUT``), and the comparison plan if one path has a ``plan.json`` (``{}`` otherwise)."""
-    records, plan, seen = [], {}, set()
+    ``OUT``), and the comparison plan if one path has a ``plan.json`` (``{}`` otherwise).
+
+    A (label, distribution, seed) found more than once is taken from the first path that has it, so new
+    runs listed before an archive of records (:func:`keep_records`) replace their archived copies.
+    """
+    records, plan, seen, cells = [], {}, set(), set()
     for p in map(Path, paths):
         if (p / "plan.json").is_file():
             plan = json.loads((p / "plan.json").read_text())
@@ -187,9 +196,30 @@ def collect_runs(paths: Sequence[str | Path], last: int = 1) -> tuple[list[RunRe
                 continue
             seen.add(d.resolve())
             record = load_run(d, last=last)
-            if record is not None:
+            if record is not None and (record.label, record.distribution, record.seed) not in cells:
+                cells.add((record.label, record.distribution, record.seed))
                 records.append(record)
     return records, plan
+
+
+def keep_records(records: Sequence[RunRecord], plan: Mapping[str, Any], out: Path) -> Path:
+    """Copy each run's small files (``RECORD_FILES``: about 100 KB a run, no checkpoint or adapter) to
+    ``out/records/<label>/<distribution>/seed<s>/``, with the comparison's ``plan.json``, replacing what was
+    there: ``flexlora report out/records`` rebuilds the same tables and plots, so the evidence behind
+    committed tables outlives the run directories."""
+    dest, tmp = out / "records", out / "records.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    for r in records:
+        cell = tmp / r.label / r.distribution / f"seed{r.seed}"
+        cell.mkdir(parents=True)
+        for name in RECORD_FILES:
+            if (r.run_dir / name).is_file():
+                shutil.copy2(r.run_dir / name, cell / name)
+    if plan:
+        (tmp / "plan.json").write_text(json.dumps(plan, indent=1) + "\n")
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+    return dest
 
 
 # ---------------------------------------------------------------------------------------------- the table
@@ -409,9 +439,11 @@ def build_report(
     last: int = 1,
     plots: bool = True,
     against: str | None = None,
+    records_too: bool = False,
 ) -> dict[str, Any]:
     """Tables and plots of the finished runs under ``paths``, written to ``out``; ``against``: pair every
-    row with that method at the same distribution instead of with the homogeneous baseline.
+    row with that method at the same distribution instead of with the homogeneous baseline;
+    ``records_too``: also keep the runs' records in ``out/records`` (:func:`keep_records`).
 
     Returns:
         ``{"rows", "files", "runs", "planned"}``: the table rows, the written files, how many finished runs
@@ -433,4 +465,6 @@ def build_report(
     )
     if plots:
         files += P.comparison_plots(records, rows, out)
+    if records_too:
+        files.append(keep_records(records, plan, out))
     return {"rows": rows, "files": files, "runs": len(records), "planned": planned}

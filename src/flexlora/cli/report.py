@@ -1,11 +1,17 @@
 """``flexlora report``: tables and plots from finished runs.
 
 flexlora report RUN_DIR... [--out DIR] [--baseline fedit | --against METHOD] [--last N] [--no-plots]
+    [--keep-records]
 
 RUN_DIR is a run directory, or any directory holding runs (a ``flexlora compare`` output). Unfinished runs
 are left out. Writes ``results.md``, ``results.csv``, ``per_category.csv`` and the PNG plots to ``--out``
 (default: the first RUN_DIR's ``report/``) and prints the Markdown table. ``--against hetlora`` pairs every
 method with HetLoRA at the same distribution (a head-to-head table) instead of with the homogeneous baseline.
+``--keep-records`` also copies each run's small files (config, metrics, provenance; no checkpoint) to
+``OUT/records``, from which ``flexlora report OUT/records`` rebuilds the same tables: commit them with the
+tables. A cell found twice is taken from the first RUN_DIR that has it, so
+``flexlora report runs/study results/study/records --out results/study --keep-records`` adds new runs to an
+archive.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--last", type=int, default=1, help="average each metric over the last N evaluations")
     p.add_argument("--no-plots", action="store_true", help="tables only")
+    p.add_argument("--keep-records", action="store_true", help="also copy the runs' records to OUT/records")
     p.set_defaults(func=run)
 
 
@@ -39,7 +46,13 @@ def run(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"not a directory: {', '.join(missing)}")
     out = args.out or args.runs[0] / "report"
     report = build_report(
-        args.runs, out, baseline=args.baseline, last=args.last, plots=not args.no_plots, against=args.against
+        args.runs,
+        out,
+        baseline=args.baseline,
+        last=args.last,
+        plots=not args.no_plots,
+        against=args.against,
+        records_too=args.keep_records,
     )
     print((out / "results.md").read_text(), end="")
     planned = f" of {report['planned']} planned" if report["planned"] else ""
