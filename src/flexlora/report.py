@@ -203,7 +203,7 @@ def collect_runs(paths: Sequence[str | Path], last: int = 1) -> tuple[list[RunRe
 
 
 def keep_records(records: Sequence[RunRecord], plan: Mapping[str, Any], out: Path) -> Path:
-    """Copy each run's small files (``RECORD_FILES``: about 100 KB a run, no checkpoint or adapter) to
+    """Copy each run's small files (``RECORD_FILES``: 100-200 KB a run, no checkpoint or adapter) to
     ``out/records/<label>/<distribution>/seed<s>/``, with the comparison's ``plan.json``, replacing what was
     there: ``flexlora report out/records`` rebuilds the same tables and plots, so the evidence behind
     committed tables outlives the run directories."""
