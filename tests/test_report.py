@@ -187,6 +187,8 @@ def test_kept_records_rebuild_the_same_tables_and_new_runs_replace_archived_ones
     records, plan = collect_runs([new, kept])
     assert len(records) == 5 and len(plan["cells"]) == 7
     assert next(r for r in records if r.label == "fedit@r200").scores["loss"] == 1.2
+    (new / "plan.json").write_text(json.dumps({"cells": [{}] * 9}))  # the newer comparison's plan wins too
+    assert len(collect_runs([new, kept])[1]["cells"]) == 9
     # and rewriting the archive from itself plus the new run keeps exactly the table's runs
     assert main(["report", str(new), str(kept), "--out", str(out), "--no-plots", "--keep-records"]) == 0
     assert sorted(p.parent.relative_to(kept).as_posix() for p in kept.rglob("metrics.jsonl")) == [

@@ -181,14 +181,15 @@ def load_run(run_dir: str | Path, last: int = 1, finished_only: bool = True) -> 
 
 def collect_runs(paths: Sequence[str | Path], last: int = 1) -> tuple[list[RunRecord], dict[str, Any]]:
     """Finished runs under ``paths`` (run directories, or directories holding them, e.g. a comparison's
-    ``OUT``), and the comparison plan if one path has a ``plan.json`` (``{}`` otherwise).
+    ``OUT``), and the comparison plan of the first path that has a ``plan.json`` (``{}`` if none).
 
-    A (label, distribution, seed) found more than once is taken from the first path that has it, so new
-    runs listed before an archive of records (:func:`keep_records`) replace their archived copies.
+    A (label, distribution, seed) found more than once is taken from the first path that has it, like the
+    plan, so new runs listed before an archive of records (:func:`keep_records`) replace their archived
+    copies and their comparison's plan replaces the archive's.
     """
     records, plan, seen, cells = [], {}, set(), set()
     for p in map(Path, paths):
-        if (p / "plan.json").is_file():
+        if not plan and (p / "plan.json").is_file():
             plan = json.loads((p / "plan.json").read_text())
         dirs = [p] if (p / "config.yaml").is_file() else sorted(x.parent for x in p.rglob("config.yaml"))
         for d in dirs:
@@ -196,9 +197,10 @@ def collect_runs(paths: Sequence[str | Path], last: int = 1) -> tuple[list[RunRe
                 continue
             seen.add(d.resolve())
             record = load_run(d, last=last)
-            if record is not None and (record.label, record.distribution, record.seed) not in cells:
-                cells.add((record.label, record.distribution, record.seed))
-                records.append(record)
+            if record is None or (key := (record.label, record.distribution, record.seed)) in cells:
+                continue
+            cells.add(key)
+            records.append(record)
     return records, plan
 
 
