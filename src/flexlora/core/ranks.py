@@ -13,12 +13,19 @@ homo                100%   0      0               0
 uniform             25%    25%    25%             25%
 heavy-tail-light    80%    5%     5%              10%
 heavy-tail-strong   5%     5%     10%             80%
-normal              6%     44%    44%             6%
+normal              5.75%  5.75%  44.25%          44.25%
 ==================  =====  =====  ==============  =====
 
-``normal`` is a Gaussian over the type index with mean 1.5 and SD 1/sqrt(2), so the middle types
-dominate. (The paper's released code indexes its Gaussian by type id and makes r200 dominant instead.)
-Assignment uses exact quotas (largest remainder) then a seeded shuffle, so a federation of 20 clients
+``normal`` follows the paper's released code (alibaba/FederatedScope, branch ``FlexLoRA``, ``main.py`` and
+``heterolora.py``, function ``get_peft``): it draws a type id ``k`` with probability proportional to the
+normal pdf at ``k`` (mean 1.5, SD 0.7), over its own type list ``config_types`` in ``main()``:
+``Type_0`` r8, ``Type_1`` r200, ``Type_2`` attn30-mlp200, ``Type_3`` r30. The ids it passes,
+``positions = [0, 3, 2, 1]``, are only listed in another order; each id keeps its own pdf, so ids 1 and 2
+(r200 and attn30-mlp200) take 44.25% each and ids 0 and 3 (r8 and r30) 5.75%. Its ``heavy_tail`` and
+``heavy_tail_strong`` use the same type list and give the shares in the table. (Before this version
+``normal`` put the Gaussian over the order of this table, making r30 and attn30-mlp200 dominant; no
+recorded run used it.) The paper's code draws each client's type at random; here
+assignment uses exact quotas (largest remainder) then a seeded shuffle, so a federation of 20 clients
 under ``heavy-tail-strong`` has exactly 16 clients at r200.
 """
 
@@ -73,7 +80,9 @@ RANK_TYPES: dict[str, RankType] = {
     )
 }
 
-_NORMAL = [math.exp(-((i - 1.5) ** 2)) for i in range(4)]  # Gaussian, mean 1.5, variance 1/2
+#: the paper code's type ids of this module's types (r8, r30, attn30-mlp200, r200), see the module doc
+PAPER_TYPE_IDS = (0, 3, 2, 1)
+_NORMAL = [math.exp(-0.5 * ((k - 1.5) / 0.7) ** 2) for k in PAPER_TYPE_IDS]  # normal pdf up to a constant
 DISTRIBUTIONS: dict[str, tuple[float, float, float, float]] = {
     "homo": (1.0, 0.0, 0.0, 0.0),
     "uniform": (0.25, 0.25, 0.25, 0.25),
