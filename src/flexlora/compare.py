@@ -59,10 +59,13 @@ __all__ = [
 
 log = logging.getLogger("flexlora")
 
-HETEROGENEOUS = ("flexlora", "hetlora", "flora", "ffa", "slora+flexlora")
+PAPER_HETEROGENEOUS = ("flexlora", "hetlora", "flora", "ffa", "slora+flexlora")
+#: FlexLoRA's factor-balance controls (:mod:`flexlora.core.aggregators.flexlora_balanced`)
+BALANCE_CONTROLS = ("flexlora-initnorm", "flexlora-sqrt")
+HETEROGENEOUS = (*PAPER_HETEROGENEOUS, *BALANCE_CONTROLS)
 HOMOGENEOUS = ("fedavg", "fedit", "slora")
-HOMO_CONTROLS = ("flexlora",)  # heterogeneous methods also run under `homo` when it is listed
-DEFAULT_METHODS = (*HETEROGENEOUS, *HOMOGENEOUS, "fedavg@max", "fedit@max", "slora@max")
+HOMO_CONTROLS = ("flexlora", *BALANCE_CONTROLS)  # heterogeneous methods also run under `homo` when listed
+DEFAULT_METHODS = (*PAPER_HETEROGENEOUS, *HOMOGENEOUS, "fedavg@max", "fedit@max", "slora@max")
 DEFAULT_DISTRIBUTIONS = ("homo", "uniform", "heavy-tail-strong")
 LARGEST = max(RANK_TYPES.values(), key=lambda t: (t.attn + t.mlp, t.name)).name  # r200
 

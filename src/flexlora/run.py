@@ -83,7 +83,7 @@ def _method(cfg: RunConfig):
     stage2 = {"slora": "fedavg", "slora+flexlora": "flexlora"}
     method = stage2.get(cfg.federation.method, cfg.federation.method)
     kwargs: dict[str, Any] = {}
-    if method == "flexlora":
+    if method.startswith("flexlora"):  # flexlora and its factor-balance controls
         kwargs["svd"] = cfg.federation.svd
     elif method == "hetlora":
         kwargs["sparsity_weighted"] = cfg.federation.sparsity_weighted

@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     alphas = {c.lora_alpha for c in configs}
     alpha = max(alphas)
     use_rslora = all(c.use_rslora for c in configs)
-    kwargs = {"svd": args.svd} if args.method == "flexlora" else {}
+    kwargs = {"svd": args.svd} if args.method.startswith("flexlora") else {}
     aggregator = make_aggregator(args.method, **kwargs)
     t1 = time.perf_counter()
     state = aggregator.aggregate(updates)

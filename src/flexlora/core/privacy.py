@@ -46,7 +46,7 @@ from flexlora.core.validation import update_norm
 __all__ = ["DP_METHODS", "PrivateAggregator", "privacy_spent", "accountant_available"]
 
 #: Methods whose round update is linear in a per-client contribution we can clip (see module docstring).
-DP_METHODS: tuple[str, ...] = ("flexlora", "flora", "ffa")
+DP_METHODS: tuple[str, ...] = ("flexlora", "flora", "ffa", "flexlora-initnorm", "flexlora-sqrt")
 _ORDERS = (
     1.25,
     1.5,

@@ -60,7 +60,7 @@ __all__ = [
 Rule = Literal["clip", "trimmed", "median"]
 ROBUST_RULES: tuple[str, ...] = ("none", "clip", "trimmed", "median")
 #: Aggregators whose global update is the weighted sum of the clients' products ``s_i B_i A_i``.
-PRODUCT_SPACE: tuple[str, ...] = ("flexlora", "flora")
+PRODUCT_SPACE: tuple[str, ...] = ("flexlora", "flora", "flexlora-initnorm", "flexlora-sqrt")
 
 
 def robust_mean(x: torch.Tensor, rule: str, trim: float = 0.1) -> torch.Tensor:

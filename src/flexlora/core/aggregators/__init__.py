@@ -6,13 +6,14 @@ from flexlora.core.aggregators.base import Aggregator, GlobalState
 from flexlora.core.aggregators.fedavg import FedAvg
 from flexlora.core.aggregators.ffa import FFALoRA
 from flexlora.core.aggregators.flexlora import FlexLoRA
+from flexlora.core.aggregators.flexlora_balanced import FlexLoRAInitNorm, FlexLoRASqrt
 from flexlora.core.aggregators.flora import FLoRA
 from flexlora.core.aggregators.hetlora import HetLoRA
 
 __all__ = ["AGGREGATORS", "Aggregator", "GlobalState", "make_aggregator"]
 
 AGGREGATORS: dict[str, type[Aggregator]] = {
-    cls.name: cls for cls in (FlexLoRA, FedAvg, HetLoRA, FLoRA, FFALoRA)
+    cls.name: cls for cls in (FlexLoRA, FedAvg, HetLoRA, FLoRA, FFALoRA, FlexLoRAInitNorm, FlexLoRASqrt)
 }
 
 
