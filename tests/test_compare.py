@@ -220,3 +220,15 @@ def test_the_plan_keeps_cells_planned_by_earlier_runs_of_a_subset(tmp_path):
     load_comparison(base, out=out, methods=["flexlora"], seeds=[1]).write_plan()
     keys = [c["key"] for c in json.loads((out / "plan.json").read_text())["cells"]]
     assert keys[0] == "fedit/homo/seed0" and sorted(keys) == sorted(c.key for c in full.cells)
+
+
+def test_a_key_added_since_a_run_was_saved_differs_only_off_its_default():
+    from flexlora.compare import config_differences
+    from flexlora.config import RunConfig
+
+    planned = RunConfig().to_dict()
+    saved = RunConfig().to_dict()
+    del saved["federation"]["hetlora_gamma"]  # a run saved before the key existed
+    assert config_differences(saved, planned) == []
+    planned["federation"]["hetlora_gamma"] = 0.5
+    assert config_differences(saved, planned) == ["federation.hetlora_gamma: None -> 0.5"]

@@ -62,7 +62,9 @@ log = logging.getLogger("flexlora")
 PAPER_HETEROGENEOUS = ("flexlora", "hetlora", "flora", "ffa", "slora+flexlora")
 #: FlexLoRA's factor-balance controls (:mod:`flexlora.core.aggregators.flexlora_balanced`)
 BALANCE_CONTROLS = ("flexlora-initnorm", "flexlora-sqrt")
-HETEROGENEOUS = (*PAPER_HETEROGENEOUS, *BALANCE_CONTROLS)
+#: HetLoRA as Cho et al. define it (:mod:`flexlora.core.aggregators.hetlora_cho`); ``hetlora`` is the FlexLoRA
+#: authors' zero-padding variant
+HETEROGENEOUS = (*PAPER_HETEROGENEOUS, "hetlora-cho", *BALANCE_CONTROLS)
 HOMOGENEOUS = ("fedavg", "fedit", "slora")
 HOMO_CONTROLS = ("flexlora", *BALANCE_CONTROLS)  # heterogeneous methods also run under `homo` when listed
 DEFAULT_METHODS = (*PAPER_HETEROGENEOUS, *HOMOGENEOUS, "fedavg@max", "fedit@max", "slora@max")
@@ -192,9 +194,16 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def config_differences(saved: Mapping[str, Any], planned: Mapping[str, Any]) -> list[str]:
-    """Keys whose values differ between two config dicts (``a.b: saved -> planned``)."""
+    """Keys whose values differ between two config dicts (``a.b: saved -> planned``). A key the saved config
+    lacks counts only if its planned value is not the default (a run saved before the key existed ran as
+    its default does)."""
     a, b = _flatten(saved), _flatten(planned)
-    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    defaults = _flatten(RunConfig().to_dict())
+    return [
+        f"{k}: {a.get(k)!r} -> {b.get(k)!r}"
+        for k in sorted(set(a) | set(b))
+        if a.get(k) != b.get(k) and not (k not in a and k in defaults and b.get(k) == defaults[k])
+    ]
 
 
 def _records(run_dir: Path) -> list[dict[str, Any]]:

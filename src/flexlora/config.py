@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from flexlora.core.aggregators import AGGREGATORS
+from flexlora.core.aggregators.hetlora_cho import TailPenalty
 from flexlora.core.privacy import DP_METHODS, accountant_available
 from flexlora.core.ranks import DISTRIBUTIONS, parse_rank_type
 from flexlora.core.robust import ROBUST_RULES
@@ -81,6 +82,8 @@ class FederationConfig:
     ``slora_rounds``: the first rounds of ``slora`` / ``slora+flexlora`` that do sparse fine-tuning (stage 1,
     :mod:`flexlora.slora`); ``slora_density``: mask density of every client (None: as many parameters as the
     client's LoRA, ``r (d + k) / (d k)``); ``slora_lr``: stage-1 learning rate (None: ``train.lr``).
+    ``hetlora_gamma``, ``hetlora_lambda``, ``hetlora_threshold``: ``hetlora-cho``'s tail and pruning rule
+    (:mod:`flexlora.core.aggregators.hetlora_cho`).
     """
 
     method: str = "flexlora"
@@ -98,6 +101,9 @@ class FederationConfig:
     slora_rounds: int = 2
     slora_density: float | None = None
     slora_lr: float | None = None
+    hetlora_gamma: float = 0.99
+    hetlora_lambda: float = 1e-3
+    hetlora_threshold: float = 0.5
 
 
 @dataclass
@@ -242,6 +248,13 @@ def _check(cfg: RunConfig, errors: list[str]) -> None:
             )
         if fed.engine != "local":
             errors.append(f"federation.engine: {fed.method} runs its sparse stage on the local engine only")
+    if fed.method == "hetlora-cho":
+        try:
+            TailPenalty(fed.hetlora_lambda, fed.hetlora_gamma, fed.hetlora_threshold)
+        except ValueError as exc:
+            errors.append(f"federation.hetlora_*: {exc}")
+        if fed.engine != "local":
+            errors.append("federation.engine: hetlora-cho's client regulariser runs on the local engine only")
     if fed.slora_density is not None and not 0 < fed.slora_density <= 1:
         errors.append(f"federation.slora_density: must be in (0, 1] or null, got {fed.slora_density}")
     if fed.slora_lr is not None and not fed.slora_lr > 0:

@@ -167,6 +167,7 @@ class Federation:
                     init=init,
                     frozen=frozen,
                     freeze_A=getattr(agg, "freeze_A", False),
+                    tail_penalty=getattr(agg, "tail_penalty", None),
                 )
             )
         return jobs

@@ -526,6 +526,14 @@ class LoraHost:
             out[name] = LoraFactors(A=A, B=B, alpha=f.alpha, use_rslora=f.use_rslora)
         return out
 
+    def trainable_pairs(self) -> dict[str, tuple[nn.Parameter, nn.Parameter]]:
+        """``{module: (lora_A weight, lora_B weight)}`` of the trainable adapter, the live parameters."""
+        modules = dict(self.model.named_modules())
+        return {
+            n: (modules[n].lora_A[self.TRAIN].weight, modules[n].lora_B[self.TRAIN].weight)
+            for n in self._init
+        }
+
     def unload(self) -> None:
         """Remove every adapter: the targets become the original ``nn.Linear`` modules again (never merged,
         so the base weights are bit-identical) and the LoRA tensors are freed. A no-op without adapter."""

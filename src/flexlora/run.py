@@ -87,6 +87,9 @@ def _method(cfg: RunConfig):
         kwargs["svd"] = cfg.federation.svd
     elif method == "hetlora":
         kwargs["sparsity_weighted"] = cfg.federation.sparsity_weighted
+    elif method == "hetlora-cho":
+        fed = cfg.federation
+        kwargs.update(gamma=fed.hetlora_gamma, lam=fed.hetlora_lambda, threshold=fed.hetlora_threshold)
     return make_aggregator(method, **kwargs)
 
 

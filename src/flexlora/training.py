@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flexlora.client_regularisers import regularised
 from flexlora.core.lora import LoraUpdate
 from flexlora.data.examples import ClientData, Example
 from flexlora.engines.jobs import TrainJob, TrainResult
@@ -271,7 +272,8 @@ def run_train_job(
         raise ValueError(f"client {data.client_id!r} has no training examples; it cannot train")
     host.load(job.init, job.frozen, job.freeze_A)
     try:
-        metrics = optimise(host.model, tokenizer, data.train, host.trainable_parameters(), cfg, job.seed)
+        with regularised(host, job):  # a method's client-side extras (hetlora-cho's tail penalty, pruning)
+            metrics = optimise(host.model, tokenizer, data.train, host.trainable_parameters(), cfg, job.seed)
         trained = host.export()
     except BaseException:
         host.unload()

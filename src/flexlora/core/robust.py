@@ -175,6 +175,7 @@ class RobustAggregator(Aggregator):
         self.name = inner.name
         self.fresh_adapter_each_round = inner.fresh_adapter_each_round
         self.freeze_A = getattr(inner, "freeze_A", False)
+        self.tail_penalty = getattr(inner, "tail_penalty", None)  # hetlora-cho's client side
         self.space = "product" if inner.name in PRODUCT_SPACE else "factor"
 
     def hyperparameters(self) -> dict[str, object]:

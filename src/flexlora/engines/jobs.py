@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from flexlora.core.aggregators.hetlora_cho import TailPenalty
 from flexlora.core.lora import LoraFactors, LoraUpdate
 
 __all__ = ["TrainJob", "TrainResult", "TrainFailure"]
@@ -23,6 +24,7 @@ class TrainJob:
         frozen: FLoRA-style methods: a frozen update added to the base model while training (``None``
             otherwise).
         freeze_A: FFA-LoRA: train ``B`` only.
+        tail_penalty: ``hetlora-cho``: the tail regulariser and self-pruning rule (``None`` otherwise).
     """
 
     client_id: str
@@ -31,6 +33,7 @@ class TrainJob:
     init: dict[str, LoraFactors]
     frozen: dict[str, LoraFactors] | None = None
     freeze_A: bool = False
+    tail_penalty: TailPenalty | None = None
 
 
 @dataclass
