@@ -89,3 +89,19 @@ def test_lru_cache_is_bounded_and_load_returns_fresh_lists() -> None:
 def test_bad_cache_size() -> None:
     with pytest.raises(ValueError, match="cache_size must be an integer >= 0, got -1"):
         SyntheticSource(cache_size=-1)
+
+
+def test_validation_clients_are_neither_training_nor_test_clients():
+    from flexlora.data.splits import split_validation
+
+    pool, test = [f"c{i}" for i in range(20)], ["t0", "t1"]
+    train, val = split_validation(pool, 5, seed=3)
+    assert len(val) == 5 and len(train) == 15
+    assert set(train) | set(val) == set(pool) and not set(train) & set(val) and not set(val) & set(test)
+    assert train == [c for c in pool if c in set(train)]  # the pool's order
+    assert split_validation(pool, 5, seed=3) == (train, val)
+    assert split_validation(pool, 5, seed=4)[1] != val
+    assert split_validation(pool, 0) == (pool, [])
+    for bad in (-1, 20, 2.5, True):
+        with pytest.raises(ValueError):
+            split_validation(pool, bad)

@@ -61,7 +61,9 @@ class DataConfig:
     """Where clients' data comes from and which clients are held out (never trained on).
 
     ``num_heldout``: a count (>= 1) or a fraction (< 1) of the clients; ``heldout_ids`` overrides it.
-    ``max_clients``: cap on the training pool (None: every other client).
+    ``max_clients``: cap on the training pool (None: every other client). ``num_validation``: clients taken
+    out of the training pool as validation clients (never trained on, never test clients); ``eval_on``:
+    ``heldout`` (the test clients) or ``validation`` (for tuning, e.g. the learning rate).
     """
 
     path: str = "synthetic"
@@ -70,6 +72,8 @@ class DataConfig:
     num_heldout: int | float = 0.1
     heldout_ids: list[str] | None = None
     max_clients: int | None = None
+    num_validation: int = 0
+    eval_on: str = "heldout"
 
 
 @dataclass
@@ -260,6 +264,12 @@ def _check(cfg: RunConfig, errors: list[str]) -> None:
     if fed.slora_lr is not None and not fed.slora_lr > 0:
         errors.append(f"federation.slora_lr: must be > 0 or null, got {fed.slora_lr}")
     _check_security(cfg, errors)
+    if cfg.data.eval_on not in ("heldout", "validation"):
+        errors.append(f"data.eval_on: {cfg.data.eval_on!r} is not one of ['heldout', 'validation']")
+    elif cfg.data.eval_on == "validation" and cfg.data.num_validation < 1:
+        errors.append("data.eval_on: 'validation' needs data.num_validation >= 1")
+    if cfg.data.num_validation < 0:
+        errors.append(f"data.num_validation: must be >= 0, got {cfg.data.num_validation}")
     if cfg.data.num_heldout < 0:
         errors.append(f"data.num_heldout: must be >= 0, got {cfg.data.num_heldout}")
     if cfg.model.dtype not in ("float32", "bfloat16", "float16"):

@@ -35,7 +35,7 @@ from flexlora.core.ranks import assign_rank_types, module_ranks
 from flexlora.core.robust import RobustAggregator
 from flexlora.core.validation import UpdateLimits
 from flexlora.data import open_source
-from flexlora.data.splits import seeded_rng, split_clients
+from flexlora.data.splits import seeded_rng, split_clients, split_validation
 from flexlora.federation import Federation, FederationPlan
 
 __all__ = [
@@ -177,13 +177,15 @@ def _execute(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool) -> Run
     source = open_source(data.path, data.format, **data.options)
     heldout_arg = {"heldout_ids": data.heldout_ids} if data.heldout_ids else {"num_heldout": data.num_heldout}
     train_ids, heldout_ids = split_clients(source, seed=cfg.federation.seed, **heldout_arg)
+    train_ids, validation_ids = split_validation(train_ids, data.num_validation, cfg.federation.seed)
     if data.max_clients is not None and data.max_clients < len(train_ids):
         train_ids = sorted(seeded_rng(cfg.federation.seed, "pool").sample(train_ids, data.max_clients))
     types = assign_rank_types(len(train_ids), cfg.federation.distribution, cfg.federation.seed)
     model, tokenizer = load_model(cfg.model.name, cfg.model.dtype, cfg.model.device, seed=cfg.federation.seed)
     host = LoraHost(model, cfg.model.target_modules)
     plan = make_plan(cfg, dict(zip(train_ids, types, strict=True)), host.shapes)
-    eval_ids = heldout_ids[: cfg.federation.eval_clients] if cfg.federation.eval_clients else heldout_ids
+    pool = validation_ids if data.eval_on == "validation" else heldout_ids
+    eval_ids = pool[: cfg.federation.eval_clients] if cfg.federation.eval_clients else pool
     trained_ids = train_ids[: cfg.federation.eval_trained_clients]
 
     def evaluate(factors, generate: bool = cfg.eval.generate and not cfg.eval.generate_final_only):

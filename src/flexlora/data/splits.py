@@ -21,6 +21,7 @@ __all__ = [
     "split_counts",
     "split_items",
     "split_clients",
+    "split_validation",
 ]
 
 T = TypeVar("T")
@@ -108,3 +109,26 @@ def _heldout_count(num_heldout: int | float, num_clients: int) -> int:
             f"num_heldout must be in [0, {num_clients}) to leave a client to train on, got {num_heldout}"
         )
     return num_heldout
+
+
+def split_validation(
+    train_ids: Sequence[str], num_validation: int, seed: int = 0
+) -> tuple[list[str], list[str]]:
+    """Take ``num_validation`` validation clients out of the training pool (after the held-out test clients
+    are chosen, so they are neither training nor test clients): for tuning hyperparameters without ever
+    looking at the test clients. The same seed and pool give the same choice.
+
+    Returns:
+        ``(train_ids, validation_ids)``, each in the pool's order.
+
+    Raises:
+        ValueError: ``num_validation`` is negative, not an int, or leaves no client to train on.
+    """
+    if isinstance(num_validation, bool) or not isinstance(num_validation, int) or num_validation < 0:
+        raise ValueError(f"num_validation must be an int >= 0, got {num_validation!r}")
+    if num_validation >= len(train_ids):
+        raise ValueError(
+            f"num_validation {num_validation} leaves none of the {len(train_ids)} training clients to train on"
+        )
+    chosen = set(seeded_rng(seed, "validation").sample(list(train_ids), num_validation))
+    return [c for c in train_ids if c not in chosen], [c for c in train_ids if c in chosen]
