@@ -232,3 +232,69 @@ def test_a_key_added_since_a_run_was_saved_differs_only_off_its_default():
     assert config_differences(saved, planned) == []
     planned["federation"]["hetlora_gamma"] = 0.5
     assert config_differences(saved, planned) == ["federation.hetlora_gamma: None -> 0.5"]
+
+
+def test_labelled_variants_run_where_their_method_runs_with_their_keys():
+    variants = {
+        "flexlora-rslora": {"method": "flexlora", "set": ["model.use_rslora=true"]},
+        "fedit-r200-lr": {"method": "fedit@r200", "set": ["train.lr=0.01"]},
+    }
+    cells = plan_cells(
+        ["flexlora-rslora", "fedit-r200-lr"],
+        ["homo", "uniform"],
+        [0],
+        {"flexlora": ["train.lr=0.002"], "flexlora-rslora": ["train.steps=3"]},
+        variants=variants,
+    )
+    assert [(c.key, c.method, c.overrides) for c in cells] == [
+        (
+            "flexlora-rslora/homo/seed0",
+            "flexlora",
+            ("train.lr=0.002", "model.use_rslora=true", "train.steps=3"),
+        ),
+        (
+            "flexlora-rslora/uniform/seed0",
+            "flexlora",
+            ("train.lr=0.002", "model.use_rslora=true", "train.steps=3"),
+        ),
+        ("fedit-r200-lr/r200/seed0", "fedit", ("train.lr=0.01",)),
+    ]
+    cfg = cells[1].run_config({"model": {"name": "tiny"}}, Path("/tmp/x"))
+    assert cfg.model.use_rslora and cfg.federation.method == "flexlora" and cfg.train.lr == 0.002
+    for bad in (
+        {"flexlora": {"method": "flexlora"}},
+        {"a/b": {"method": "fedit"}},
+        {"v": {"method": "nope"}},
+    ):
+        with pytest.raises(ValueError):
+            plan_cells(list(bad), ["uniform"], [0], variants=bad)
+
+
+def test_sweep_makes_one_comparison_per_point(tmp_path):
+    from flexlora.compare import load_comparisons, sweep_points
+
+    assert sweep_points({}) == [("", [])]
+    assert sweep_points({"train.steps": [4, 8], "train.lr": [0.001]}) == [
+        ("steps=4,lr=0.001", ["train.steps=4", "train.lr=0.001"]),
+        ("steps=8,lr=0.001", ["train.steps=8", "train.lr=0.001"]),
+    ]
+    for bad in (
+        {"train.steps": []},
+        {"train.steps": [4, 4]},
+        {"a.x": [1], "b.x": [2]},
+        {"train.lr": ["a/b"]},
+    ):
+        with pytest.raises(ValueError):
+            sweep_points(bad)
+    path = tmp_path / "s.yaml"
+    path.write_text(
+        "model: {name: tiny}\n"
+        "compare: {methods: [fedit], seeds: 1, out: OUT, sweep: {train.steps: [4, 16]}}\n"
+    )
+    comparisons = load_comparisons(path, overrides=["train.lr=0.01"])
+    assert [c.out for c in comparisons] == [Path("OUT/steps=4"), Path("OUT/steps=16")]
+    cfgs = [next(iter(c.configs().values())) for c in comparisons]
+    assert [(c.train.steps, c.train.lr) for c in cfgs] == [(4, 0.01), (16, 0.01)]
+    assert cfgs[1].run_dir == Path("OUT/steps=16/cells/fedit/homo/seed0")
+    with pytest.raises(ConfigError, match="makes 2 comparisons"):
+        load_comparison(path)

@@ -20,8 +20,10 @@ rather than mixed in. ``OUT/plan.json`` lists the cells planned there so far, ``
 where each one stands.
 
 A base config may carry a top-level ``compare:`` section (``methods``, ``distributions``, ``seeds``,
-``method_overrides``, ``out``) that :func:`load_comparison` separates from the run config; command-line
-options override it.
+``method_overrides``, ``variants``, ``sweep``, ``out``, ``order``) that :func:`load_comparisons` separates
+from the run config; command-line options override it. ``variants`` are labelled variants of a method
+(``flexlora-rslora``: FlexLoRA with ``model.use_rslora=true``); ``sweep`` crosses config keys
+(``train.steps: [4, 8, 16]``) into one comparison directory per point (``OUT/steps=8``).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import copy
 import fcntl
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -52,9 +55,11 @@ __all__ = [
     "HOMOGENEOUS",
     "cell_state",
     "load_comparison",
+    "load_comparisons",
     "plan_cells",
     "progress_table",
     "run_comparison",
+    "sweep_points",
 ]
 
 log = logging.getLogger("flexlora")
@@ -66,6 +71,7 @@ BALANCE_CONTROLS = ("flexlora-initnorm", "flexlora-sqrt")
 #: authors' zero-padding variant
 HETEROGENEOUS = (*PAPER_HETEROGENEOUS, "hetlora-cho", *BALANCE_CONTROLS)
 HOMOGENEOUS = ("fedavg", "fedit", "slora")
+AGGREGATOR_LIKE = (*HETEROGENEOUS, *HOMOGENEOUS)
 HOMO_CONTROLS = ("flexlora", *BALANCE_CONTROLS)  # heterogeneous methods also run under `homo` when listed
 DEFAULT_METHODS = (*PAPER_HETEROGENEOUS, *HOMOGENEOUS, "fedavg@max", "fedit@max", "slora@max")
 DEFAULT_DISTRIBUTIONS = ("homo", "uniform", "heavy-tail-strong")
@@ -116,18 +122,44 @@ def _parse_method(spec: str) -> tuple[str, str | None]:
     return method, parse_rank_type(LARGEST if rank == "max" else rank).name
 
 
+def _check_variants(variants: Mapping[str, Any]) -> dict[str, tuple[str, str | None, tuple[str, ...]]]:
+    """``{label: (method, rank, overrides)}`` from ``{label: {method: METHOD[@RANK], set: [key=value, ...]}}``."""
+    out = {}
+    for label, spec in variants.items():
+        if not isinstance(spec, Mapping) or "method" not in spec or set(spec) - {"method", "set"}:
+            raise ValueError(f"variant {label!r}: expected {{method: METHOD[@RANK], set: [key=value, ...]}}")
+        if (
+            not isinstance(label, str)
+            or not label
+            or any(c in label for c in "@/ ")
+            or label in AGGREGATOR_LIKE
+        ):
+            raise ValueError(
+                f"variant {label!r}: a label needs no '@', '/' or space and must not be a method"
+            )
+        sets = spec.get("set") or []
+        if not isinstance(sets, list) or not all(isinstance(s, str) and "=" in s for s in sets):
+            raise ValueError(f"variant {label!r}: set must be a list of key=value strings")
+        out[label] = (*_parse_method(str(spec["method"])), tuple(sets))
+    return out
+
+
 def plan_cells(
     methods: Sequence[str] = DEFAULT_METHODS,
     distributions: Sequence[str] = DEFAULT_DISTRIBUTIONS,
     seeds: Sequence[int] = (0, 1, 2),
     method_overrides: Mapping[str, Sequence[str]] | None = None,
     order: str = "method",
+    variants: Mapping[str, Any] | None = None,
 ) -> list[Cell]:
     """The grid's cells (rules in the module doc), method-major (``order="method"``: all seeds of the first
     method first, so an interrupted grid still holds complete methods) or seed-major (``"seed"``).
 
     ``method_overrides`` maps a label (``fedit@r200``) or a method (``fedavg``, which also covers
     ``fedavg@r200``) to ``--set``-style overrides for its cells; the label's come after the method's.
+    ``variants`` names labelled variants of a method (``flexlora-rslora: {method: flexlora, set:
+    [model.use_rslora=true]}``): listed in ``methods`` by their label, they run where their method runs,
+    with the method's overrides, then theirs, then the label's.
 
     Raises:
         ValueError: an unknown method, distribution or order, or no cell at all.
@@ -138,14 +170,17 @@ def plan_cells(
             raise ValueError(f"unknown distribution {dist!r}: use one of {sorted(DISTRIBUTIONS)}")
     if order not in ("method", "seed"):
         raise ValueError(f"order must be 'method' or 'seed', got {order!r}")
-    unknown = [k for k in overrides if _parse_method(k)[0] not in (*HETEROGENEOUS, *HOMOGENEOUS)]
+    named = _check_variants(variants or {})
+    unknown = [
+        k for k in overrides if k not in named and _parse_method(k)[0] not in (*HETEROGENEOUS, *HOMOGENEOUS)
+    ]
     if unknown:
         raise ValueError(f"method_overrides: unknown method {unknown[0]!r}")
     groups: list[list[Cell]] = []
     seen = set()
     for spec in methods:
-        method, rank = _parse_method(spec)
-        label = f"{method}@{rank}" if rank else method
+        method, rank, own = named[spec] if spec in named else (*_parse_method(spec), ())
+        label = spec if spec in named else f"{method}@{rank}" if rank else method
         if label in seen:
             continue
         seen.add(label)
@@ -155,7 +190,7 @@ def plan_cells(
             dists = ["homo"]
         else:
             dists = [d for d in distributions if d != "homo" or method in HOMO_CONTROLS]
-        extra = overrides.get(method, ()) + (overrides.get(label, ()) if label != method else ())
+        extra = overrides.get(method, ()) + own + (overrides.get(label, ()) if label != method else ())
         for dist in dists:
             groups.append([Cell(label, method, dist, s, extra) for s in seeds])
     cells = (
@@ -294,7 +329,7 @@ class Comparison:
         _write_atomic(path, json.dumps(plan, indent=1) + "\n")
 
 
-def load_comparison(
+def load_comparisons(
     path: str | Path,
     methods: Sequence[str] | None = None,
     distributions: Sequence[str] | None = None,
@@ -302,8 +337,12 @@ def load_comparison(
     out: str | Path | None = None,
     overrides: Sequence[str] = (),
     order: str | None = None,
-) -> Comparison:
+) -> list[Comparison]:
     """Read a base config with an optional ``compare:`` section; arguments given here take precedence.
+
+    The section's ``sweep`` (``{train.steps: [4, 8, 16]}``, keys crossed with each other) makes one
+    comparison per point, each an ordinary comparison directory ``OUT/<name>=<value>[,...]`` (``name`` the
+    key's last part: ``OUT/steps=8``) with the point's keys as global overrides; without it, one at ``OUT``.
 
     Raises:
         ConfigError: a bad ``compare`` section, or any cell's config is invalid (all listed at once).
@@ -315,7 +354,7 @@ def load_comparison(
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     section = raw.pop("compare", None) or {}
-    known = {"methods", "distributions", "seeds", "method_overrides", "out", "order"}
+    known = {"methods", "distributions", "seeds", "method_overrides", "out", "order", "variants", "sweep"}
     if not isinstance(section, dict) or set(section) - known:
         bad = sorted(set(section) - known) if isinstance(section, dict) else section
         raise ConfigError(f"compare: unknown key(s) {bad} (known: {sorted(known)})")
@@ -329,13 +368,68 @@ def load_comparison(
             list(seeds),
             section.get("method_overrides"),
             order or section.get("order", "method"),
+            section.get("variants"),
         )
+        points = sweep_points(section.get("sweep") or {})
     except ValueError as exc:
         raise ConfigError(f"compare: {exc}") from None
     out = Path(out or section.get("out") or Path(raw.get("output_dir", "runs")) / f"compare-{path.stem}")
-    comparison = Comparison(raw, cells, out, list(overrides))
-    comparison.configs()  # validate every cell now
-    return comparison
+    comparisons = [
+        Comparison(raw, cells, out / name if name else out, [*overrides, *point]) for name, point in points
+    ]
+    for comparison in comparisons:
+        comparison.configs()  # validate every cell now
+    return comparisons
+
+
+def load_comparison(path: str | Path, *args: Any, **kwargs: Any) -> Comparison:
+    """:func:`load_comparisons` for a config without ``sweep`` (one comparison).
+
+    Raises:
+        ConfigError: as :func:`load_comparisons`, or the config sweeps more than one point.
+    """
+    comparisons = load_comparisons(path, *args, **kwargs)
+    if len(comparisons) != 1:
+        raise ConfigError(f"{path}: compare.sweep makes {len(comparisons)} comparisons; load them all")
+    return comparisons[0]
+
+
+def sweep_points(sweep: Mapping[str, Any]) -> list[tuple[str, list[str]]]:
+    """``[(directory name, [key=value, ...])]`` for every point of the cross product of ``sweep``'s axes,
+    first key slowest; ``[("", [])]`` without axes.
+
+    Raises:
+        ValueError: an axis is not a non-empty list of numbers or plain strings, or two keys end alike.
+    """
+    if not isinstance(sweep, Mapping):
+        raise ValueError(f"sweep must map keys to lists of values, got {sweep!r}")
+    names = [str(k).rsplit(".", 1)[-1] for k in sweep]
+    if len(set(names)) != len(names):
+        raise ValueError(
+            f"sweep: keys must end in different names (they name directories), got {list(sweep)}"
+        )
+    points: list[tuple[str, list[str]]] = [("", [])]
+    for key, values in sweep.items():
+        ok = isinstance(values, list) and values
+        if not ok or not all(_plain(v) for v in values) or len(set(map(str, values))) != len(values):
+            raise ValueError(
+                f"sweep.{key}: expected a list of distinct numbers or plain strings, got {values!r}"
+            )
+        name = str(key).rsplit(".", 1)[-1]
+        points = [
+            (f"{d},{name}={v}" if d else f"{name}={v}", [*sets, f"{key}={v}"])
+            for d, sets in points
+            for v in values
+        ]
+    return points
+
+
+def _plain(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int | float):
+        return math.isfinite(value)
+    return isinstance(value, str) and value.replace("-", "").replace("_", "").replace(".", "").isalnum()
 
 
 def run_comparison(

@@ -5,7 +5,8 @@ flexlora compare CONFIG [--methods flexlora,hetlora,...] [--distributions homo,u
                         [--status] [--dry-run] [--no-report]
 
 CONFIG is a run config, optionally with a ``compare:`` section (methods, distributions, seeds,
-method_overrides, out, order); options given here win. Finished cells are reused, interrupted ones resumed
+method_overrides, variants, sweep, out, order); options given here win. With ``sweep``, every command acts
+on each point's comparison (OUT/<key>=<value>) in turn. Finished cells are reused, interrupted ones resumed
 from their checkpoint: rerun the same command to continue. ``--status`` prints where every cell stands;
 ``--dry-run`` lists the cells. At the end ``flexlora report`` runs on OUT (tables and plots in OUT/report).
 """
@@ -49,11 +50,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from flexlora.compare import load_comparison, run_comparison
+    from flexlora.compare import load_comparisons
 
-    comparison = load_comparison(
+    comparisons = load_comparisons(
         args.config, args.methods, args.distributions, args.seeds, args.out, args.overrides, args.order
     )
+    codes = []
+    for comparison in comparisons:  # one per point of compare.sweep
+        if len(comparisons) > 1:
+            print(f"== {comparison.out}")
+        codes.append(_run_one(args, comparison))
+    return max(codes)
+
+
+def _run_one(args: argparse.Namespace, comparison) -> int:
+    from flexlora.compare import run_comparison
+
     if args.dry_run:
         for i, cell in enumerate(comparison.cells, 1):
             extra = f"  [{' '.join(cell.overrides)}]" if cell.overrides else ""
