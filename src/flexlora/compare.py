@@ -2,7 +2,8 @@
 
 Cells (:func:`plan_cells`):
 
-* heterogeneous methods (``flexlora``, ``hetlora``, ``flora``, ``ffa``, ``slora+flexlora``) run under every
+* heterogeneous methods (``flexlora``, ``hetlora``, ``flora``, ``ffa``, ``slora+flexlora``; on request ``raflora``
+  and ``florist``) run under every
   listed distribution other than ``homo``; ``flexlora`` also runs under ``homo`` when it is listed (all
   clients at r8 with the SVD rule: the control that separates the aggregation rule from the ranks);
 * homogeneous methods (``fedavg``, ``fedit``, ``slora``) run at ``homo`` (every client at r8): the paper's
@@ -59,10 +60,17 @@ __all__ = [
 
 log = logging.getLogger("flexlora")
 
-HETEROGENEOUS = ("flexlora", "hetlora", "flora", "ffa", "slora+flexlora")
+HETEROGENEOUS = ("flexlora", "hetlora", "flora", "ffa", "slora+flexlora", "raflora", "florist")
+RANK_COLLAPSE = ("raflora", "florist")  # later answers to rank collapse: run when listed, not by default
 HOMOGENEOUS = ("fedavg", "fedit", "slora")
 HOMO_CONTROLS = ("flexlora",)  # heterogeneous methods also run under `homo` when it is listed
-DEFAULT_METHODS = (*HETEROGENEOUS, *HOMOGENEOUS, "fedavg@max", "fedit@max", "slora@max")
+DEFAULT_METHODS = (
+    *(m for m in HETEROGENEOUS if m not in RANK_COLLAPSE),
+    *HOMOGENEOUS,
+    "fedavg@max",
+    "fedit@max",
+    "slora@max",
+)
 DEFAULT_DISTRIBUTIONS = ("homo", "uniform", "heavy-tail-strong")
 LARGEST = max(RANK_TYPES.values(), key=lambda t: (t.attn + t.mlp, t.name)).name  # r200
 

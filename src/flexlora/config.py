@@ -86,6 +86,7 @@ class FederationConfig:
     method: str = "flexlora"
     svd: str = "auto"
     sparsity_weighted: bool = False
+    florist_threshold: float = 0.9
     distribution: str | list[str] = "heavy-tail-strong"
     rounds: int = 10
     clients_per_round: int | float = 8
@@ -225,6 +226,8 @@ def _check(cfg: RunConfig, errors: list[str]) -> None:
             f"federation.distribution: {fed.method} needs one rank for every client (use 'homo' or a one-type "
             f"list), got {fed.distribution!r}"
         )
+    if not 0 < fed.florist_threshold <= 1:
+        errors.append(f"federation.florist_threshold: must lie in (0, 1], got {fed.florist_threshold}")
     for key in ("rounds", "min_clients", "eval_every"):
         if getattr(fed, key) < 1:
             errors.append(f"federation.{key}: must be >= 1, got {getattr(fed, key)}")

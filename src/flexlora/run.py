@@ -83,8 +83,10 @@ def _method(cfg: RunConfig):
     stage2 = {"slora": "fedavg", "slora+flexlora": "flexlora"}
     method = stage2.get(cfg.federation.method, cfg.federation.method)
     kwargs: dict[str, Any] = {}
-    if method == "flexlora":
+    if method in ("flexlora", "raflora"):
         kwargs["svd"] = cfg.federation.svd
+    elif method == "florist":
+        kwargs["threshold"] = cfg.federation.florist_threshold
     elif method == "hetlora":
         kwargs["sparsity_weighted"] = cfg.federation.sparsity_weighted
     return make_aggregator(method, **kwargs)

@@ -7,12 +7,14 @@ from flexlora.core.aggregators.fedavg import FedAvg
 from flexlora.core.aggregators.ffa import FFALoRA
 from flexlora.core.aggregators.flexlora import FlexLoRA
 from flexlora.core.aggregators.flora import FLoRA
+from flexlora.core.aggregators.florist import FLoRIST
 from flexlora.core.aggregators.hetlora import HetLoRA
+from flexlora.core.aggregators.raflora import RaFLoRA
 
 __all__ = ["AGGREGATORS", "Aggregator", "GlobalState", "make_aggregator"]
 
 AGGREGATORS: dict[str, type[Aggregator]] = {
-    cls.name: cls for cls in (FlexLoRA, FedAvg, HetLoRA, FLoRA, FFALoRA)
+    cls.name: cls for cls in (FlexLoRA, FedAvg, HetLoRA, FLoRA, FFALoRA, RaFLoRA, FLoRIST)
 }
 
 
