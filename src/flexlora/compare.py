@@ -43,6 +43,7 @@ import yaml
 
 from flexlora.config import ConfigError, RunConfig, load_config
 from flexlora.core.ranks import DISTRIBUTIONS, RANK_TYPES, parse_rank_type
+from flexlora.tracking import for_comparison
 
 __all__ = [
     "Cell",
@@ -101,9 +102,11 @@ class Cell:
             f"federation.seed={self.seed}",
         ]
         try:
-            return load_config(raw=copy.deepcopy(dict(base)), overrides=[*extra, *keys, *self.overrides])
+            cfg = load_config(raw=copy.deepcopy(dict(base)), overrides=[*extra, *keys, *self.overrides])
         except ConfigError as exc:
             raise ConfigError(f"cell {self.key}: {exc}") from None
+        cfg.tracking = for_comparison(cfg.tracking, out, self.key)  # every cell its own tracked run
+        return cfg
 
 
 def _parse_method(spec: str) -> tuple[str, str | None]:
@@ -197,9 +200,11 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def config_differences(saved: Mapping[str, Any], planned: Mapping[str, Any]) -> list[str]:
-    """Keys whose values differ between two config dicts (``a.b: saved -> planned``)."""
+    """Keys whose values differ between two config dicts (``a.b: saved -> planned``); ``tracking`` is not
+    part of the experiment and is ignored."""
     a, b = _flatten(saved), _flatten(planned)
-    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    keys = [k for k in sorted(set(a) | set(b)) if k.split(".")[0] != "tracking"]
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
 
 
 def _records(run_dir: Path) -> list[dict[str, Any]]:

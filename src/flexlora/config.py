@@ -22,6 +22,7 @@ from flexlora.core.ranks import DISTRIBUTIONS, parse_rank_type
 from flexlora.core.robust import ROBUST_RULES
 from flexlora.core.svd import SVD_ROUTES
 from flexlora.evaluation import EvalConfig
+from flexlora.tracking import tracking_settings
 from flexlora.training import TrainConfig
 
 __all__ = [
@@ -128,7 +129,8 @@ class SecurityConfig:
 
 @dataclass
 class RunConfig:
-    """Everything a run needs. ``output_dir/name`` is the run directory."""
+    """Everything a run needs. ``output_dir/name`` is the run directory. ``tracking``: TensorBoard / MLflow
+    (:mod:`flexlora.tracking`; none by default)."""
 
     name: str = "run"
     output_dir: str = "runs"
@@ -138,6 +140,7 @@ class RunConfig:
     security: SecurityConfig = field(default_factory=SecurityConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: dict[str, Any] | list[str] = field(default_factory=dict)
 
     @property
     def run_dir(self) -> Path:
@@ -256,6 +259,10 @@ def _check(cfg: RunConfig, errors: list[str]) -> None:
         errors.append(f"model.dtype: {cfg.model.dtype!r} is not one of ['bfloat16', 'float16', 'float32']")
     if not cfg.model.target_modules:
         errors.append("model.target_modules: must name at least one module")
+    try:
+        tracking_settings(cfg.tracking)
+    except ValueError as exc:
+        errors.append(str(exc))
 
 
 def _check_security(cfg: RunConfig, errors: list[str]) -> None:

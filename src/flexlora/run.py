@@ -37,6 +37,7 @@ from flexlora.core.validation import UpdateLimits
 from flexlora.data import open_source
 from flexlora.data.splits import seeded_rng, split_clients
 from flexlora.federation import Federation, FederationPlan
+from flexlora.tracking import tracked
 
 __all__ = [
     "RunResult",
@@ -253,7 +254,8 @@ def _execute(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool) -> Run
         state, _ = load_checkpoint(run_dir)
         log.info("resuming after round %d", state.round)
     try:
-        state = federation.run(state)
+        with tracked(federation, cfg.tracking, run_dir, cfg.to_dict()):
+            state = federation.run(state)
     finally:
         engine.close()
     # ---------------------------------------------------------------- outputs
