@@ -75,7 +75,11 @@ def test_flatten_keeps_numbers_under_jsonl_names():
         "train_loss": 1.5,
         "failures": {"c": "timeout"},
         "rejected": {"norm": 1},
-        "eval": {"loss": 2.0, "per_client": {"x": {"loss": 1.0}}, "per_category": {"Q&A (yes)": {"rougeL": 3}}},
+        "eval": {
+            "loss": 2.0,
+            "per_client": {"x": {"loss": 1.0}},
+            "per_category": {"Q&A (yes)": {"rougeL": 3}},
+        },
         "spectrum": {"top_singular_values": {"q_proj": [0.5, 0.25]}, "energy_beyond_min_rank": 0.1},
         "flag": True,
         "nan": float("nan"),
@@ -130,7 +134,10 @@ def test_compare_cells_are_separate_runs_of_one_store(tmp_path):
     b = Cell("raflora", "raflora", "uniform", 1).run_config(base, out)
     assert a.tracking["mlflow"] == b.tracking["mlflow"] == (out / "mlruns").resolve().as_uri()
     assert a.tracking["experiment"] == "grid"
-    assert (a.tracking["run_name"], b.tracking["run_name"]) == ("flexlora/uniform/seed0", "raflora/uniform/seed1")
+    assert (a.tracking["run_name"], b.tracking["run_name"]) == (
+        "flexlora/uniform/seed0",
+        "raflora/uniform/seed1",
+    )
     assert a.run_dir != b.run_dir  # and TensorBoard's event files go to each cell's own run directory
     # a run made before tracking existed is not refused for it
     saved = {k: v for k, v in a.to_dict().items() if k != "tracking"}
