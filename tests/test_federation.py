@@ -48,6 +48,8 @@ CASES = [
     ("hetlora", "uniform"),
     ("flora", "heavy-tail-strong"),
     ("ffa", "uniform"),
+    ("raflora", "heavy-tail-strong"),
+    ("florist", "uniform"),
 ]
 
 

@@ -2,7 +2,8 @@
 
 Cells (:func:`plan_cells`):
 
-* heterogeneous methods (``flexlora``, ``hetlora``, ``flora``, ``ffa``, ``slora+flexlora``) run under every
+* heterogeneous methods (``flexlora``, ``hetlora``, ``flora``, ``ffa``, ``slora+flexlora``; on request ``raflora``
+  and ``florist``) run under every
   listed distribution other than ``homo``; ``flexlora`` also runs under ``homo`` when it is listed (all
   clients at r8 with the SVD rule: the control that separates the aggregation rule from the ranks);
 * homogeneous methods (``fedavg``, ``fedit``, ``slora``) run at ``homo`` (every client at r8): the paper's
@@ -45,6 +46,7 @@ import yaml
 
 from flexlora.config import ConfigError, RunConfig, load_config
 from flexlora.core.ranks import DISTRIBUTIONS, RANK_TYPES, parse_rank_type
+from flexlora.tracking import for_comparison
 
 __all__ = [
     "Cell",
@@ -67,9 +69,11 @@ log = logging.getLogger("flexlora")
 PAPER_HETEROGENEOUS = ("flexlora", "hetlora", "flora", "ffa", "slora+flexlora")
 #: FlexLoRA's factor-balance controls (:mod:`flexlora.core.aggregators.flexlora_balanced`)
 BALANCE_CONTROLS = ("flexlora-initnorm", "flexlora-sqrt")
+#: later answers to rank collapse: run when listed, not by default
+RANK_COLLAPSE = ("raflora", "florist")
 #: HetLoRA as Cho et al. define it (:mod:`flexlora.core.aggregators.hetlora_cho`); ``hetlora`` is the FlexLoRA
 #: authors' zero-padding variant
-HETEROGENEOUS = (*PAPER_HETEROGENEOUS, "hetlora-cho", *BALANCE_CONTROLS)
+HETEROGENEOUS = (*PAPER_HETEROGENEOUS, "hetlora-cho", *BALANCE_CONTROLS, *RANK_COLLAPSE)
 HOMOGENEOUS = ("fedavg", "fedit", "slora")
 AGGREGATOR_LIKE = (*HETEROGENEOUS, *HOMOGENEOUS)
 HOMO_CONTROLS = ("flexlora", *BALANCE_CONTROLS)  # heterogeneous methods also run under `homo` when listed
@@ -104,9 +108,11 @@ class Cell:
             f"federation.seed={self.seed}",
         ]
         try:
-            return load_config(raw=copy.deepcopy(dict(base)), overrides=[*extra, *keys, *self.overrides])
+            cfg = load_config(raw=copy.deepcopy(dict(base)), overrides=[*extra, *keys, *self.overrides])
         except ConfigError as exc:
             raise ConfigError(f"cell {self.key}: {exc}") from None
+        cfg.tracking = for_comparison(cfg.tracking, out, self.key)  # every cell its own tracked run
+        return cfg
 
 
 def _parse_method(spec: str) -> tuple[str, str | None]:
@@ -231,12 +237,13 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 def config_differences(saved: Mapping[str, Any], planned: Mapping[str, Any]) -> list[str]:
     """Keys whose values differ between two config dicts (``a.b: saved -> planned``). A key the saved config
     lacks counts only if its planned value is not the default (a run saved before the key existed ran as
-    its default does)."""
+    its default does); ``tracking`` is not part of the experiment and is ignored."""
     a, b = _flatten(saved), _flatten(planned)
     defaults = _flatten(RunConfig().to_dict())
+    keys = [k for k in sorted(set(a) | set(b)) if k.split(".")[0] != "tracking"]
     return [
         f"{k}: {a.get(k)!r} -> {b.get(k)!r}"
-        for k in sorted(set(a) | set(b))
+        for k in keys
         if a.get(k) != b.get(k) and not (k not in a and k in defaults and b.get(k) == defaults[k])
     ]
 

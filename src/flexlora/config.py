@@ -23,6 +23,7 @@ from flexlora.core.ranks import DISTRIBUTIONS, parse_rank_type
 from flexlora.core.robust import ROBUST_RULES
 from flexlora.core.svd import SVD_ROUTES
 from flexlora.evaluation import EvalConfig
+from flexlora.tracking import tracking_settings
 from flexlora.training import TrainConfig
 
 __all__ = [
@@ -93,6 +94,7 @@ class FederationConfig:
     method: str = "flexlora"
     svd: str = "auto"
     sparsity_weighted: bool = False
+    florist_threshold: float = 0.9
     distribution: str | list[str] = "heavy-tail-strong"
     rounds: int = 10
     clients_per_round: int | float = 8
@@ -137,7 +139,8 @@ class SecurityConfig:
 
 @dataclass
 class RunConfig:
-    """Everything a run needs. ``output_dir/name`` is the run directory."""
+    """Everything a run needs. ``output_dir/name`` is the run directory. ``tracking``: TensorBoard / MLflow
+    (:mod:`flexlora.tracking`; none by default)."""
 
     name: str = "run"
     output_dir: str = "runs"
@@ -147,6 +150,7 @@ class RunConfig:
     security: SecurityConfig = field(default_factory=SecurityConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: dict[str, Any] | list[str] = field(default_factory=dict)
 
     @property
     def run_dir(self) -> Path:
@@ -235,6 +239,8 @@ def _check(cfg: RunConfig, errors: list[str]) -> None:
             f"federation.distribution: {fed.method} needs one rank for every client (use 'homo' or a one-type "
             f"list), got {fed.distribution!r}"
         )
+    if not 0 < fed.florist_threshold <= 1:
+        errors.append(f"federation.florist_threshold: must lie in (0, 1], got {fed.florist_threshold}")
     for key in ("rounds", "min_clients", "eval_every"):
         if getattr(fed, key) < 1:
             errors.append(f"federation.{key}: must be >= 1, got {getattr(fed, key)}")
@@ -276,6 +282,10 @@ def _check(cfg: RunConfig, errors: list[str]) -> None:
         errors.append(f"model.dtype: {cfg.model.dtype!r} is not one of ['bfloat16', 'float16', 'float32']")
     if not cfg.model.target_modules:
         errors.append("model.target_modules: must name at least one module")
+    try:
+        tracking_settings(cfg.tracking)
+    except ValueError as exc:
+        errors.append(str(exc))
 
 
 def _check_security(cfg: RunConfig, errors: list[str]) -> None:

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from flexlora.data.examples import ClientData, Example
 from flexlora.models import model_device, response_logits
+from flexlora.progress import advance
 from flexlora.prompts import (
     DEFAULT_TEMPLATE,
     IGNORE_INDEX,
@@ -176,6 +177,7 @@ class EvalConfig:
 def _batches(order: Sequence[int], size: int) -> Iterable[list[int]]:
     for i in range(0, len(order), size):
         yield list(order[i : i + size])
+        advance(len(order[i : i + size]))  # the command's progress bar, if any
 
 
 @torch.inference_mode()

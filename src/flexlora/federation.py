@@ -109,6 +109,7 @@ class Federation:
         limits: bounds every client update must respect (:func:`flexlora.core.validation.check_update`).
         round_retries: a round with fewer than ``plan.min_clients`` valid updates is retried this many times
             with a fresh sample before the run stops.
+        on_round: called with each round's metrics (round 0 too) once checkpointed (e.g. a tracker).
     """
 
     def __init__(
@@ -124,11 +125,13 @@ class Federation:
         final_evaluate: Evaluator | None = None,
         limits: UpdateLimits | None = None,
         round_retries: int = 0,
+        on_round: Callable[[dict[str, Any]], None] | None = None,
     ):
         self.plan, self.aggregator, self.engine, self.evaluate = plan, aggregator, engine, evaluate
         self.run_dir, self.config, self.progress = Path(run_dir), config, progress
         self.sparse_stage, self.final_evaluate = sparse_stage, final_evaluate
         self.limits, self.round_retries = limits or UpdateLimits(), round_retries
+        self.on_round = on_round or (lambda metrics: None)
 
     def initial_state(self) -> ServerState:
         """Round 0: ``B = 0`` and a seeded ``A`` at each module's largest rank, shared by all methods."""
@@ -309,6 +312,7 @@ class Federation:
             base = {"round": 0, "eval": self.evaluate(None)}
             state.metrics.append(base)
             save_checkpoint(self.run_dir, state, self.config)
+            self.on_round(base)
         self.write_metrics(state.metrics)  # a resume: a kill may have come between checkpoint and metrics
         bar = tqdm(
             total=self.plan.rounds,
@@ -319,6 +323,7 @@ class Federation:
         )
         while state.round < self.plan.rounds:
             state = self.run_round(state)
+            self.on_round(state.metrics[-1])
             bar.update(1)
             tqdm.write(round_summary(state.metrics[-1]))
         bar.close()

@@ -36,6 +36,8 @@ from typing import Any
 
 import yaml
 
+from flexlora.progress import advance, finish_phase
+
 __all__ = [
     "METRICS",
     "Row",
@@ -197,10 +199,12 @@ def collect_runs(paths: Sequence[str | Path], last: int = 1) -> tuple[list[RunRe
                 continue
             seen.add(d.resolve())
             record = load_run(d, last=last)
+            advance()  # the command's progress, if any
             if record is None or (key := (record.label, record.distribution, record.seed)) in cells:
                 continue
             cells.add(key)
             records.append(record)
+    finish_phase()
     return records, plan
 
 

@@ -37,6 +37,7 @@ from flexlora.core.validation import UpdateLimits
 from flexlora.data import open_source
 from flexlora.data.splits import seeded_rng, split_clients, split_validation
 from flexlora.federation import Federation, FederationPlan
+from flexlora.tracking import tracked
 
 __all__ = [
     "RunResult",
@@ -83,8 +84,10 @@ def _method(cfg: RunConfig):
     stage2 = {"slora": "fedavg", "slora+flexlora": "flexlora"}
     method = stage2.get(cfg.federation.method, cfg.federation.method)
     kwargs: dict[str, Any] = {}
-    if method.startswith("flexlora"):  # flexlora and its factor-balance controls
+    if method.startswith("flexlora") or method == "raflora":  # flexlora, its factor-balance controls, raflora
         kwargs["svd"] = cfg.federation.svd
+    elif method == "florist":
+        kwargs["threshold"] = cfg.federation.florist_threshold
     elif method == "hetlora":
         kwargs["sparsity_weighted"] = cfg.federation.sparsity_weighted
     elif method == "hetlora-cho":
@@ -256,7 +259,8 @@ def _execute(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool) -> Run
         state, _ = load_checkpoint(run_dir)
         log.info("resuming after round %d", state.round)
     try:
-        state = federation.run(state)
+        with tracked(federation, cfg.tracking, run_dir, cfg.to_dict()):
+            state = federation.run(state)
     finally:
         engine.close()
     # ---------------------------------------------------------------- outputs

@@ -31,7 +31,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rank", type=int, action="append", required=True, help="output rank (repeatable)")
     p.add_argument("--weights", type=_weights, help="comma-separated example counts, one per client")
     p.add_argument("--method", default="flexlora", choices=sorted([*AGGREGATORS, "fedit"]))
-    p.add_argument("--svd", default="auto", choices=SVD_ROUTES, help="SVD route (flexlora only)")
+    p.add_argument("--svd", default="auto", choices=SVD_ROUTES, help="SVD route (flexlora and raflora)")
     p.set_defaults(func=run)
 
 
@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     alphas = {c.lora_alpha for c in configs}
     alpha = max(alphas)
     use_rslora = all(c.use_rslora for c in configs)
-    kwargs = {"svd": args.svd} if args.method.startswith("flexlora") else {}
+    kwargs = {"svd": args.svd} if args.method.startswith("flexlora") or args.method == "raflora" else {}
     aggregator = make_aggregator(args.method, **kwargs)
     t1 = time.perf_counter()
     state = aggregator.aggregate(updates)

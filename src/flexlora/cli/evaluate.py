@@ -2,12 +2,13 @@
 data source.
 
     flexlora evaluate --data PATH [--adapter DIR] [--model M] [--split test]
-                      [--max-examples-per-client K] [--json]
+                      [--max-examples-per-client K] [--json] [--no-progress]
 
 Prints the overall and per-category metrics: greedy-generation Rouge-L (0-100), the teacher-forced loss on
 response tokens, and the paper code's teacher-forced Rouge-L proxy, averaged over examples. With
 ``--json`` the last line is one JSON object (``rougeL``, ``loss``, ``proxy_rougeL``, ``num_examples``,
-``per_category``, ...).
+``per_category``, ...). Progress (examples scored, then generated, with an ETA) goes to stderr: a bar on a
+terminal, a line every 30 s otherwise; ``--no-progress`` turns it off.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--no-generate", action="store_true", help="skip generation (no rougeL; much faster)")
     p.add_argument("--json", action="store_true", help="end with one JSON line of the metrics")
+    p.add_argument("--no-progress", action="store_true", help="no progress on stderr")
     p.set_defaults(func=run)
 
 
@@ -42,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
     from flexlora.data import open_source
     from flexlora.evaluation import EvalConfig, evaluate_clients
     from flexlora.models import LoraHost, load_model
+    from flexlora.progress import Progress, reporting
 
     cfg = EvalConfig(
         max_examples_per_client=args.max_examples_per_client,
@@ -60,7 +63,11 @@ def run(args: argparse.Namespace) -> int:
         host = LoraHost(model, sorted({name.rsplit(".", 1)[-1] for name in factors}))
         host.load(factors)
         model = host.model
-    metrics = evaluate_clients(model, tokenizer, map(source.load, ids), args.split, cfg)
+    clients = [source.load(i) for i in ids]
+    n = sum(len(c.split(args.split)[: cfg.max_examples_per_client]) for c in clients)
+    phases = [("scoring (loss)", n)] + ([("generating", n)] if cfg.generate else [])
+    with reporting(Progress(phases, enabled=not args.no_progress)):
+        metrics = evaluate_clients(model, tokenizer, clients, args.split, cfg)
     if host is not None:
         host.unload()
     what = f"adapter {args.adapter}" if args.adapter else f"base model {args.model}"

@@ -1,7 +1,7 @@
 """``flexlora report``: tables and plots from finished runs.
 
 flexlora report RUN_DIR... [--out DIR] [--baseline fedit | --against METHOD] [--last N] [--no-plots]
-    [--keep-records]
+    [--keep-records] [--no-progress]
 
 RUN_DIR is a run directory, or any directory holding runs (a ``flexlora compare`` output). Unfinished runs
 are left out. Writes ``results.md``, ``results.csv``, ``per_category.csv`` and the PNG plots to ``--out``
@@ -11,7 +11,7 @@ method with HetLoRA at the same distribution (a head-to-head table) instead of w
 ``OUT/records``, from which ``flexlora report OUT/records`` rebuilds the same tables: commit them with the
 tables. A cell found twice is taken from the first RUN_DIR that has it, so
 ``flexlora report runs/study results/study/records --out results/study --keep-records`` adds new runs to an
-archive.
+archive. The runs read so far are counted on stderr (``--no-progress``: not).
 """
 
 from __future__ import annotations
@@ -33,10 +33,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--last", type=int, default=1, help="average each metric over the last N evaluations")
     p.add_argument("--no-plots", action="store_true", help="tables only")
     p.add_argument("--keep-records", action="store_true", help="also copy the runs' records to OUT/records")
+    p.add_argument("--no-progress", action="store_true", help="no progress on stderr")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from flexlora.progress import Progress, reporting
     from flexlora.report import build_report
 
     if args.last < 1:
@@ -45,15 +47,16 @@ def run(args: argparse.Namespace) -> int:
     if missing:
         raise FileNotFoundError(f"not a directory: {', '.join(missing)}")
     out = args.out or args.runs[0] / "report"
-    report = build_report(
-        args.runs,
-        out,
-        baseline=args.baseline,
-        last=args.last,
-        plots=not args.no_plots,
-        against=args.against,
-        records_too=args.keep_records,
-    )
+    with reporting(Progress([("reading runs", None)], unit="run", enabled=not args.no_progress)):
+        report = build_report(
+            args.runs,
+            out,
+            baseline=args.baseline,
+            last=args.last,
+            plots=not args.no_plots,
+            against=args.against,
+            records_too=args.keep_records,
+        )
     print((out / "results.md").read_text(), end="")
     planned = f" of {report['planned']} planned" if report["planned"] else ""
     print(f"\n{report['runs']} finished runs{planned}; files in {out}:")

@@ -12,7 +12,7 @@ Each round, for the ``n`` valid updates of the ``m`` clients sampled (``m`` fixe
 Everything the server does afterwards (SVD, truncation, payloads) is post-processing. The contribution
 ``x_i`` lives where the wrapped aggregator works:
 
-* ``flexlora``, ``flora``: the effective update ``x_i = {s_m B_m A_m}_m``; ``xbar`` is formed per module as
+* ``flexlora``, ``flora``, ``florist``: the effective update ``x_i = {s_m B_m A_m}_m``; ``xbar`` is formed per module as
   the dense ``dW (d, k)``, noised densely (noise restricted to the clients' span would leak that span),
   then cut to its leading ``min(sum_i r_i, d, k)`` singular triplets (Eckart-Young) for the state.
 * ``ffa``: ``A`` is frozen and public, so ``x_i = {s_m B_m}_m`` (zero-padded to the shared width) and the noise
@@ -46,7 +46,7 @@ from flexlora.core.validation import update_norm
 __all__ = ["DP_METHODS", "PrivateAggregator", "privacy_spent", "accountant_available"]
 
 #: Methods whose round update is linear in a per-client contribution we can clip (see module docstring).
-DP_METHODS: tuple[str, ...] = ("flexlora", "flora", "ffa", "flexlora-initnorm", "flexlora-sqrt")
+DP_METHODS: tuple[str, ...] = ("flexlora", "flora", "florist", "ffa", "flexlora-initnorm", "flexlora-sqrt")
 _ORDERS = (
     1.25,
     1.5,

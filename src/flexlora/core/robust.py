@@ -11,7 +11,8 @@ as the median one). Clipping is then followed by the wrapped aggregator's own we
 clients: ``B A = (B G)(G^{-1} A)`` for any invertible ``G``, and ranks differ. The robust rule is therefore
 applied in the space where the wrapped aggregator averages:
 
-* *Product space* (``flexlora``, ``flora``, whose global update is ``sum_i p_i s_i B_i A_i``): every ``dW_i``
+* *Product space* (``flexlora``, ``flora``, ``raflora``, ``florist``, whose global update is built from the
+  products ``s_i B_i A_i``; the consensus replaces raFLoRA's partition weights): every ``dW_i``
   of a module lies in the column span of ``Bs = [s_1 B_1 | ... | s_n B_n]`` ``(d, R)`` and the row span of
   ``As = [A_1; ...; A_n]`` ``(R, k)``. With ``Ub`` ``(d, p)`` the left singular vectors of ``Bs`` and ``Va``
   ``(k, q)`` those of ``As^T`` (canonical: ``Bs Bs^T = sum_i s_i^2 B_i B_i^T`` does not depend on client
@@ -60,7 +61,14 @@ __all__ = [
 Rule = Literal["clip", "trimmed", "median"]
 ROBUST_RULES: tuple[str, ...] = ("none", "clip", "trimmed", "median")
 #: Aggregators whose global update is the weighted sum of the clients' products ``s_i B_i A_i``.
-PRODUCT_SPACE: tuple[str, ...] = ("flexlora", "flora", "flexlora-initnorm", "flexlora-sqrt")
+PRODUCT_SPACE: tuple[str, ...] = (
+    "flexlora",
+    "flora",
+    "raflora",
+    "florist",
+    "flexlora-initnorm",
+    "flexlora-sqrt",
+)
 
 
 def robust_mean(x: torch.Tensor, rule: str, trim: float = 0.1) -> torch.Tensor:

@@ -8,14 +8,27 @@ from flexlora.core.aggregators.ffa import FFALoRA
 from flexlora.core.aggregators.flexlora import FlexLoRA
 from flexlora.core.aggregators.flexlora_balanced import FlexLoRAInitNorm, FlexLoRASqrt
 from flexlora.core.aggregators.flora import FLoRA
+from flexlora.core.aggregators.florist import FLoRIST
 from flexlora.core.aggregators.hetlora import HetLoRA
 from flexlora.core.aggregators.hetlora_cho import HetLoRACho
+from flexlora.core.aggregators.raflora import RaFLoRA
 
 __all__ = ["AGGREGATORS", "Aggregator", "GlobalState", "make_aggregator"]
 
 AGGREGATORS: dict[str, type[Aggregator]] = {
     cls.name: cls
-    for cls in (FlexLoRA, FedAvg, HetLoRA, FLoRA, FFALoRA, FlexLoRAInitNorm, FlexLoRASqrt, HetLoRACho)
+    for cls in (
+        FlexLoRA,
+        FedAvg,
+        HetLoRA,
+        FLoRA,
+        FFALoRA,
+        FlexLoRAInitNorm,
+        FlexLoRASqrt,
+        HetLoRACho,
+        RaFLoRA,
+        FLoRIST,
+    )
 }
 
 

@@ -20,6 +20,7 @@ from flexlora.core.validation import UpdateLimits
 from flexlora.engines.flower.engine import FlowerEngine
 from flexlora.federation import Federation
 from flexlora.run import build_aggregator, make_plan, write_outputs
+from flexlora.tracking import tracked
 
 __all__ = ["run_deployment"]
 
@@ -92,6 +93,7 @@ def run_deployment(cfg: RunConfig, engine: FlowerEngine) -> Path:
         limits=UpdateLimits(cfg.security.max_examples, cfg.security.norm_bound),
         round_retries=cfg.security.round_retries,
     )
-    state = federation.run()
+    with tracked(federation, cfg.tracking, run_dir, cfg.to_dict()):
+        state = federation.run()
     write_outputs(run_dir, state, plan, aggregator, cfg.model.name)
     return run_dir
