@@ -164,7 +164,7 @@ def test_legacy_records_are_read_with_renamed_metrics_and_the_gap_is_said(tmp_pa
     assert {r.scores["rougeL_unstemmed"] for r in records} == {20.0, 22.0}
     build_report([tmp_path], tmp_path / "report", plots=False)
     text = (tmp_path / "report" / "results.md").read_text()
-    assert "Rouge-L (NI scorer): in 0 of 4 runs" in text and "| Rouge-L (unstemmed) |" in text
+    assert "lack it. In 0 of 4 runs here." in text and "| Rouge-L (unstemmed) |" in text
     assert "**Rouge-L (unstemmed)** vs" in text and "**Rouge-L (NI scorer)** vs" not in text
     # every per-client loss difference is negative: no draw is as extreme, and the table says only a bound
     assert "≤ 1/20001 (n=20, MC 20000 draws, none as extreme)" in text and "<0.001" not in text

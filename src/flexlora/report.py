@@ -350,11 +350,11 @@ LEGEND = (
     "MC: Monte Carlo, with its number of draws)."
 )
 METRIC_NOTES = {
-    "rougeL": "Rouge-L (NI scorer): the Natural Instructions scorer (rouge-score, Porter stemmer for English, "
-    "cross-lingual tokenisation otherwise); records written before it was added lack it.",
-    "rougeL_unstemmed": "Rouge-L (unstemmed): rouge-score with an all-script tokenizer and no stemming, the "
+    "rougeL": "*Rouge-L (NI scorer)*: the Natural Instructions scorer (rouge-score, Porter stemmer for "
+    "English, cross-lingual tokenisation otherwise); records written before it was added lack it.",
+    "rougeL_unstemmed": "*Rouge-L (unstemmed)*: rouge-score with an all-script tokenizer and no stemming, the "
     "only Rouge-L of records written before the NI scorer; not comparable with published NI scores.",
-    "tf_argmax_rougeL": "teacher-forced argmax Rouge-L: Rouge-L of the argmax of the teacher-forced logits at "
+    "tf_argmax_rougeL": "*teacher-forced argmax Rouge-L*: unstemmed Rouge-L of the argmax of the teacher-forced logits at "
     "the response positions on the held-out clients (called 'proxy Rouge-L' in older records); a cheap "
     "diagnostic, not the paper code's proxy.",
 }
@@ -390,14 +390,14 @@ def _p_clients(test: SignFlip | None) -> str:
     return f"{_p(test.p)} (n={test.n}, MC {test.draws} draws)"
 
 
-def _coverage(rows: Sequence[Row]) -> list[str]:
-    """A note per metric that some or all runs lack (e.g. records older than the NI scorer)."""
+def _metric_notes(rows: Sequence[Row]) -> list[str]:
+    """What each Rouge-L metric is, and in how many runs it is when some lack it (e.g. records older than
+    the NI scorer)."""
     runs = sum(len(r.seeds) for r in rows)
     notes = []
-    for m in METRICS:
+    for m, note in METRIC_NOTES.items():
         have = sum(len(r.values[m]) for r in rows)
-        if have < runs:
-            notes.append(f"{NAMES[m]}: in {have} of {runs} runs. {METRIC_NOTES.get(m, '')}".rstrip())
+        notes.append(note + ("" if have == runs else f" In {have} of {runs} runs here."))
     return notes
 
 
@@ -411,7 +411,7 @@ def markdown_table(rows: Sequence[Row], against: str | None = None) -> str:
     for r in rows:
         cells = [r.label, r.distribution, str(len(r.seeds))] + [_fmt(r.values[m], DIGITS[m]) for m in shown]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += [""] + [f"*{n}*" for n in _coverage(rows)]
+    lines += [""] + [f"* {n}" for n in _metric_notes(rows)]
     if any(r.rel for r in rows):
         lines += ["", LEGEND]
     for m in shown:
