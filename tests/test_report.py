@@ -189,6 +189,18 @@ def test_report_files_and_cli(grid, capsys):
     rows = list(csv.DictReader(open(grid / "report" / "results.csv")))
     flex = next(r for r in rows if r["method"] == "flexlora")
     assert float(flex["loss_rel_mean"]) == pytest.approx(15.0) and flex["seeds"] == "0 1"
+    # runs.csv: the per-seed numbers; flexlora seed 0 (loss 1.8; clients 1.8, 1.6) vs fedit (2.0; 2.1, 1.9)
+    runs = {(r["method"], r["seed"]): r for r in csv.DictReader(open(grid / "report" / "runs.csv"))}
+    assert len(runs) == 5 and "runs.csv" in names
+    run = runs[("flexlora", "0")]
+    assert run["reference"] == "fedit (homo)" and float(run["loss_diff"]) == pytest.approx(-0.2)
+    assert run["loss_clients_better"] == "2/2" and run["rougeL_clients_better"] == "2/2"  # 22 > 20
+    # final spectrum (round 2): top singular values 3/2, 1/2, 0; energy beyond the smallest rank 0.1 * 2
+    assert float(run["q_proj_top_sv"]) == 1.5 and float(run["q_proj_norm_top16"]) == pytest.approx(
+        math.sqrt(2.5)
+    )
+    assert float(run["energy_beyond_min_rank_all_modules"]) == pytest.approx(0.2)
+    assert runs[("fedit", "0")]["reference"] == "" and runs[("fedit", "0")]["loss_diff"] == ""
     assert main(["report", str(grid), "--out", str(grid / "r2"), "--no-plots"]) == 0
     out = capsys.readouterr().out
     assert "**loss** vs the paired homogeneous baseline" in out and "5 finished runs of 7 planned" in out

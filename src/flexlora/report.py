@@ -52,6 +52,7 @@ __all__ = [
     "normalize_eval",
     "sign_flip_test",
     "summarize",
+    "write_runs",
     "write_tables",
 ]
 
@@ -483,7 +484,8 @@ def _csv_row(r: Row, m: str) -> dict[str, Any]:
 
 
 def write_tables(rows: Sequence[Row], out: Path, against: str | None = None) -> list[Path]:
-    """``results.md``, ``results.csv`` (one row per (method, distribution)), ``per_category.csv``."""
+    """``results.md``, ``results.csv`` (one row per (method, distribution)), ``per_category.csv``; the
+    per-run numbers go to ``runs.csv`` (:func:`write_runs`)."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text(markdown_table(rows, against))
     fields = ["method", "distribution", "seeds", "baseline", "baseline_distribution"]
@@ -524,6 +526,56 @@ def write_tables(rows: Sequence[Row], out: Path, against: str | None = None) -> 
     return [out / "results.md", out / "results.csv", out / "per_category.csv"]
 
 
+def _spectrum_columns(record: RunRecord) -> dict[str, float]:
+    """The last recorded spectrum of a run's aggregate update: per module kind, its leading singular value
+    and the norm of its top 16 (means over layers), and the share of energy beyond the smallest client rank
+    (mean over all target modules, every kind together)."""
+    last = next((m["spectrum"] for m in reversed(record.metrics) if "spectrum" in m), None)
+    if last is None:
+        return {}
+    out = {}
+    for kind, values in sorted(last.get("top_singular_values", {}).items()):
+        out[f"{kind}_top_sv"] = values[0] if values else math.nan
+        out[f"{kind}_norm_top16"] = math.sqrt(sum(v * v for v in values[:16]))
+    out["energy_beyond_min_rank_all_modules"] = last.get("energy_beyond_min_rank", math.nan)
+    return out
+
+
+def write_runs(
+    records: Sequence[RunRecord], out: Path, baseline: str = DEFAULT_BASELINE, against: str | None = None
+) -> Path:
+    """``runs.csv``: one row per run (the per-seed numbers behind the tables): its scores, per metric the
+    difference to its reference at the same seed and how many held-out clients it beats the reference on
+    (``k/n``), and the spectrum of its final aggregate (:func:`_spectrum_columns`)."""
+    by_cell = {(r.label, r.distribution, r.seed): r for r in records}
+    rows = []
+    for r in sorted(records, key=lambda r: (r.label, r.distribution, r.seed)):
+        ref = reference_of(r.label, r.distribution, baseline, against)
+        b = by_cell.get((*ref, r.seed)) if ref else None
+        row: dict[str, Any] = {"method": r.label, "distribution": r.distribution, "seed": r.seed}
+        row["reference"] = f"{ref[0]} ({ref[1]})" if b else ""
+        for m in METRICS:
+            row[m] = r.scores[m]
+            paired = b is not None and None not in (r.scores[m], b.scores[m])
+            row[f"{m}_diff"] = r.scores[m] - b.scores[m] if paired else None
+            common = [c for c in r.per_client[m] if b is not None and c in b.per_client[m]]
+            wins = sum(_gain(m, r.per_client[m][c], b.per_client[m][c]) > 0 for c in common) if b else 0
+            row[f"{m}_clients_better"] = f"{wins}/{len(common)}" if paired and common else ""
+        rows.append({**row, **_spectrum_columns(r)})
+    fields = list(dict.fromkeys(k for row in rows for k in row))
+    with open(out / "runs.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=fields)
+        w.writeheader()
+        for row in rows:
+            w.writerow(
+                {
+                    k: ("" if v is None or (isinstance(v, float) and math.isnan(v)) else v)
+                    for k, v in row.items()
+                }
+            )
+    return out / "runs.csv"
+
+
 def build_report(
     paths: Sequence[str | Path],
     out: str | Path,
@@ -548,7 +600,7 @@ def build_report(
     if not records:
         raise ValueError(f"no finished run under {', '.join(map(str, paths))}")
     rows = summarize(records, baseline, against)
-    files = write_tables(rows, out, against)
+    files = write_tables(rows, out, against) + [write_runs(records, out, baseline, against)]
     planned = len(plan.get("cells", []))
     status = f"{len(records)} finished runs" + (f" of {planned} planned cells" if planned else "")
     (out / "results.md").write_text(
