@@ -7,15 +7,9 @@ import torch
 from rouge_score.rouge_scorer import RougeScorer
 
 from flexlora.data.examples import ClientData, ClientInfo, Example
-from flexlora.evaluation import (
-    EvalConfig,
-    RougeTokenizer,
-    evaluate_clients,
-    evaluate_examples,
-    rouge_l,
-    rouge_tokenize,
-)
+from flexlora.evaluation import EvalConfig, evaluate_clients, evaluate_examples
 from flexlora.prompts import encode_example, encode_prompt
+from flexlora.rouge import RougeTokenizer, is_default_track, rouge_l, rouge_l_unstemmed, rouge_tokenize
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -47,21 +41,35 @@ def test_rouge_tokenize_keeps_every_script():
     assert rouge_tokenize(" ... ") == []
 
 
-def test_rouge_l_values():
-    assert rouge_l("a b c d", "a b c d") == 100.0
-    assert rouge_l("x y", "a b") == 0.0
-    assert rouge_l("a c d e", "a b c d") == pytest.approx(75.0)  # LCS 3 of 4 and 4
-    assert rouge_l("", "a") == 0.0
+def test_rouge_l_unstemmed_values():
+    assert rouge_l_unstemmed("a b c d", "a b c d") == 100.0
+    assert rouge_l_unstemmed("x y", "a b") == 0.0
+    assert rouge_l_unstemmed("a c d e", "a b c d") == pytest.approx(75.0)  # LCS 3 of 4 and 4
+    assert rouge_l_unstemmed("", "a") == 0.0
     # rouge_score's own tokenizer drops non-Latin text entirely; ours scores it
     assert RougeScorer(["rougeL"]).score("سلام دنیا", "سلام دنیا")["rougeL"].fmeasure == 0.0
-    assert rouge_l("سلام دنیا", "سلام دنیا") == 100.0
-    assert rouge_l("सलाम दुनिया", "नमस्ते दुनिया") == pytest.approx(50.0)
+    assert rouge_l_unstemmed("سلام دنیا", "سلام دنیا") == 100.0
+    assert rouge_l_unstemmed("सलाम दुनिया", "नमस्ते दुनिया") == pytest.approx(50.0)
     scorer = RougeScorer(["rougeL"], tokenizer=RougeTokenizer())
     assert (
         100 * scorer.score("我爱北京", "我爱上海")["rougeL"].fmeasure
-        == rouge_l("我爱上海", "我爱北京")
+        == rouge_l_unstemmed("我爱上海", "我爱北京")
         == 50.0
     )
+
+
+def test_rouge_l_is_the_natural_instructions_scorer():
+    # English (default track): rouge-score's tokenizer with the Porter stemmer, so "running dogs" matches
+    # "run dog" (stems run, dog) where the unstemmed score sees nothing in common
+    assert rouge_l("running dogs", "run dog") == 100.0 and rouge_l_unstemmed("running dogs", "run dog") == 0.0
+    stemmed = RougeScorer(["rougeL"], use_stemmer=True).score("The cats sat.", "cat sitting")["rougeL"]
+    assert rouge_l("cat sitting", "The cats sat.") == pytest.approx(100 * stemmed.fmeasure)
+    # punctuation is a separator for both: "don't" is two tokens, "don" and "t"
+    assert rouge_l("don't", "don t") == 100.0
+    # a reference with a non-ASCII letter is scored on the cross-lingual track, unstemmed, every script kept
+    assert is_default_track("Yes, 42.") and not is_default_track("سلام") and not is_default_track("café")
+    assert rouge_l("سلام دنیا", "سلام دنیا") == 100.0
+    assert rouge_l("我爱上海", "我爱北京") == rouge_l_unstemmed("我爱上海", "我爱北京") == 50.0
 
 
 def test_eval_config_validation():
@@ -106,13 +114,15 @@ def test_scores_match_hand_computation(tiny):
         assert row["loss"] == pytest.approx(out.loss.item(), rel=1e-4)
         keep = labels[0, 1:] != -100
         argmax = out.logits[0, :-1][keep].argmax(-1).tolist()
-        assert row["proxy_rougeL"] == rouge_l(tok.decode(argmax, skip_special_tokens=True).strip(), ex.output)
+        argmax_text = tok.decode(argmax, skip_special_tokens=True).strip()
+        assert row["tf_argmax_rougeL"] == rouge_l_unstemmed(argmax_text, ex.output)
         prompt = encode_prompt(tok, ex, CFG.max_length - CFG.max_new_tokens)
         text = tok.decode(
             greedy(model, prompt, CFG.max_new_tokens, tok.eos_token_id), skip_special_tokens=True
         )
         assert row["prediction"] == text.strip()  # batched with left padding == alone
         assert row["rougeL"] == rouge_l(row["prediction"], ex.output)
+        assert row["rougeL_unstemmed"] == rouge_l_unstemmed(row["prediction"], ex.output)
 
 
 def test_summary_weights_examples_and_groups_categories(tiny):
@@ -123,7 +133,7 @@ def test_summary_weights_examples_and_groups_categories(tiny):
     assert out["per_category"]["math"]["num_examples"] == 4
     rows = out["per_example"]
     assert [r["client_id"] for r in rows] == ["a", "a", "a", "b", "b", "c"]
-    for key in ("loss", "rougeL", "proxy_rougeL"):
+    for key in ("loss", "rougeL", "rougeL_unstemmed", "tf_argmax_rougeL"):
         assert out[key] == pytest.approx(sum(r[key] for r in rows) / 6)
         by_cat = sum(v[key] * v["num_examples"] for v in out["per_category"].values()) / 6
         assert out[key] == pytest.approx(by_cat)
@@ -137,7 +147,8 @@ def test_limits_splits_and_no_generation(tiny):
     out = evaluate_clients(model, tok, CLIENTS, cfg=cfg)
     assert model.training  # the mode is restored
     model.eval()
-    assert out["num_examples"] == 3 and out["rougeL"] is None and "per_example" not in out
+    assert out["num_examples"] == 3 and out["rougeL"] is None and out["rougeL_unstemmed"] is None
+    assert "per_example" not in out
     assert out["per_category"]["math"]["rougeL"] is None
     train_only = [client("d", "x", ["y"], split="train")]
     assert evaluate_clients(model, tok, train_only, "train", cfg)["num_examples"] == 1
@@ -171,7 +182,7 @@ def test_a_trained_adapter_scores_better_and_unloading_restores_the_base(tiny):
     finally:
         host.unload()
     assert tuned["loss"] < 0.5 * base["loss"]
-    assert tuned["proxy_rougeL"] > base["proxy_rougeL"]
+    assert tuned["tf_argmax_rougeL"] > base["tf_argmax_rougeL"]
     again = evaluate_clients(model, tok, [data], cfg=cfg)
     assert {k: v for k, v in again.items() if k != "seconds"} == {
         k: v for k, v in base.items() if k != "seconds"

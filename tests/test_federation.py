@@ -79,7 +79,9 @@ def test_run_dir_records_config_versions_and_spectrum(tmp_path):
     assert info["seed"] == 0 and info["packages"]["torch"].startswith("2.13")
     assert load_config(result.run_dir / "config.yaml").model.name == "tiny"
     final = result.final
-    assert {"rougeL", "loss", "proxy_rougeL", "num_examples", "per_category"} <= set(final["eval"])
+    assert {"rougeL", "rougeL_unstemmed", "loss", "tf_argmax_rougeL", "num_examples", "per_category"} <= set(
+        final["eval"]
+    )
     assert final["bytes"]["sent"] > 0 and final["bytes"]["received"] > 0
     spectrum = final["spectrum"]["top_singular_values"]
     assert set(spectrum) == {"q_proj", "v_proj", "up_proj"}

@@ -1,5 +1,6 @@
-"""Report statistics by hand (mean/SD, relative improvement, the sign-flip test) and the report's files,
-on run directories written by hand (no training)."""
+"""Report pairing and statistics by hand (relative improvement, seed-level CI and tests, Holm, the
+secondary client-level test), legacy metric names, and the report's files, on run directories written by
+hand (no training)."""
 
 from __future__ import annotations
 
@@ -15,40 +16,10 @@ from flexlora.report import (
     baseline_of,
     build_report,
     collect_runs,
-    mean_sd,
+    normalize_eval,
     reference_of,
-    sign_flip_test,
     summarize,
 )
-
-
-# ---------------------------------------------------------------------------------------------- statistics
-def test_mean_sd():
-    assert mean_sd([1.0, 2.0, 3.0]) == (2.0, 1.0)
-    assert mean_sd([5.0])[0] == 5.0 and math.isnan(mean_sd([5.0])[1])
-    assert all(math.isnan(x) for x in mean_sd([]))
-
-
-@pytest.mark.parametrize(
-    ("diffs", "p"),
-    [
-        ([1.0, 2.0, 3.0], 2 / 8),  # only +++ and --- reach |mean| = 2
-        ([1.0, -1.0], 1.0),
-        ([0.0, 0.0, 0.0], 1.0),
-        ([3.0, 1.0, 1.0, 1.0], 2 / 16),  # |sum| = 6 needs four equal signs
-        ([3.0, 1.0, 1.0, -1.0], 8 / 16),  # |+-3 + t| >= 4 iff t (the 1s) has the 3's sign: 8 of 16
-    ],
-)
-def test_sign_flip_exact_small_cases(diffs, p):
-    assert sign_flip_test(diffs) == pytest.approx(p)
-
-
-def test_sign_flip_monte_carlo_detects_a_shift_and_not_noise():
-    shifted = [1.0 + 0.1 * ((i * 7) % 5 - 2) for i in range(60)]
-    assert sign_flip_test(shifted) == pytest.approx(1 / 20_001)
-    symmetric = [x * (-1) ** i for i, x in enumerate(range(1, 61))]  # mean -0.5 on spread 35
-    assert sign_flip_test(symmetric) > 0.5
-    assert sign_flip_test(shifted, seed=1) == sign_flip_test(shifted, seed=1)
 
 
 def test_baselines():
@@ -58,8 +29,11 @@ def test_baselines():
 
 
 # ---------------------------------------------------------------------------------------------- fake runs
-def fake_run(root, label, dist, seed, losses, rouge=None, per_client=None, rounds=None, finished=True):
-    """A run directory with one eval per round (round 0 = base) and a final Rouge-L."""
+def fake_run(
+    root, label, dist, seed, losses, rouge=None, per_client=None, rounds=None, finished=True, legacy=False
+):
+    """A run directory with one eval per round (round 0 = base) and a final Rouge-L; ``legacy``: with the
+    metric names of records written before the NI scorer (``rougeL`` unstemmed, ``proxy_rougeL``)."""
     run = root / "cells" / label / dist / f"seed{seed}"
     run.mkdir(parents=True)
     rounds = rounds or len(losses)
@@ -67,17 +41,20 @@ def fake_run(root, label, dist, seed, losses, rouge=None, per_client=None, round
     config = {"federation": {"method": method, "distribution": dist, "seed": seed, "rounds": rounds}}
     (run / "config.yaml").write_text(yaml.safe_dump(config))
     (run / "cell.json").write_text(json.dumps({"label": label, "distribution": dist, "seed": seed}))
-    records = [{"round": 0, "eval": {"loss": 5.0, "rougeL": None, "proxy_rougeL": 1.0}}]
+
+    def scores(loss, rouge_l, tf):
+        if legacy:
+            return {"loss": loss, "rougeL": rouge_l, "proxy_rougeL": tf}
+        unstemmed = None if rouge_l is None else rouge_l - 1.0
+        return {"loss": loss, "rougeL": rouge_l, "rougeL_unstemmed": unstemmed, "tf_argmax_rougeL": tf}
+
+    records = [{"round": 0, "eval": scores(5.0, None, 1.0)}]
     done = losses if finished else losses[:-1]
     for r, loss in enumerate(done, 1):
-        ev = {"loss": loss, "rougeL": None, "proxy_rougeL": 10.0 + r}
-        if r == rounds and rouge is not None:
-            ev["rougeL"] = rouge
+        ev = scores(loss, rouge if r == rounds else None, 10.0 + r)
         clients = per_client or {"c1": 0.0, "c2": 0.0}
-        ev["per_client"] = {
-            c: {"loss": loss + off, "rougeL": ev["rougeL"], "proxy_rougeL": 1.0} for c, off in clients.items()
-        }
-        ev["per_category"] = {"qa": {"loss": loss - 0.1, "rougeL": None, "proxy_rougeL": 1.0}}
+        ev["per_client"] = {c: scores(loss + off, ev["rougeL"], 1.0) for c, off in clients.items()}
+        ev["per_category"] = {"qa": scores(loss - 0.1, None, 1.0)}
         spectrum = {
             "top_singular_values": {"q_proj": [3.0 / r, 1.0 / r, 0.0]},
             "energy_beyond_min_rank": 0.1 * r,
@@ -110,15 +87,21 @@ def test_summary_pairs_seeds_with_the_homogeneous_baseline(grid):
     assert flex.rel["loss"] == pytest.approx([10.0, 20.0])
     assert flex.rel["rougeL"] == pytest.approx([10.0, -4.0])
     assert flex.diff["loss"] == pytest.approx([-0.2, -0.5])
-    # per-(seed, client) loss differences: seed 0: -0.3, -0.3; seed 1: -0.6, -0.6 -> all negative, n = 4
-    assert flex.n_pairs["loss"] == 4 and flex.p_clients["loss"] == pytest.approx(2 / 16)
-    assert flex.p_seeds["loss"] == pytest.approx(2 / 4)
+    assert flex.rel["rougeL_unstemmed"] == pytest.approx([100 * 2 / 19, -100 / 24])
+    # seed level: d = -0.2, -0.5 (2 seeds, both better); t on 1 df: p = 1 - (2 / pi) atan(0.35 / 0.15)
+    t = flex.seed_diff["loss"]
+    assert flex.better["loss"] == 2 and t.mean == pytest.approx(-0.35) and t.p_sign == pytest.approx(2 / 4)
+    assert t.p_t == pytest.approx(1 - 2 / math.pi * math.atan(0.35 / 0.15))
+    assert t.ci[1] == pytest.approx(-0.35 + math.tan(0.475 * math.pi) * 0.15)
+    assert flex.holm_t["loss"] == pytest.approx(t.p_t)  # the only seed-level test of the loss table
+    # secondary, per-(seed, client) differences: seed 0: -0.3, -0.3; seed 1: -0.6, -0.6 -> all negative
+    assert flex.clients["loss"].n == 4 and flex.clients["loss"].p == pytest.approx(2 / 16)
     assert flex.category_rel["loss"]["qa"] == pytest.approx((100 * 0.2 / 1.9 + 100 * 0.5 / 2.4) / 2)
     assert flex.category_gain["loss"]["qa"] == pytest.approx((0.2 + 0.5) / 2)  # b - m: > 0 is better
     ref = rows[("fedit@r200", "r200")]
     assert ref.baseline == "fedit" and ref.rel["loss"] == pytest.approx([25.0])
-    # one paired seed: nothing to test over seeds
-    assert "loss" in ref.p_clients and "loss" not in ref.p_seeds
+    # one paired seed: nothing to test over seeds, and no member of the Holm family
+    assert "loss" in ref.clients and math.isnan(ref.seed_diff["loss"].p_t) and math.isnan(ref.holm_t["loss"])
     assert rows[("fedit", "homo")].rel == {}
 
 
@@ -136,12 +119,55 @@ def test_head_to_head_pairs_each_method_with_another_at_the_same_distribution(gr
     assert flex.diff["loss"] == pytest.approx([-0.2, -0.5]) and flex.rel["rougeL"] == pytest.approx(
         [10.0, 20.0]
     )
-    assert flex.n_pairs["loss"] == 4 and flex.p_clients["loss"] == pytest.approx(2 / 16)
+    assert flex.clients["loss"].n == 4 and flex.clients["loss"].p == pytest.approx(2 / 16)
     assert rows[("fedit", "homo")].rel == {} and rows[("hetlora", "uniform")].baseline is None
     assert main(["report", str(grid), "--against", "hetlora", "--out", str(grid / "h2h"), "--no-plots"]) == 0
     out = capsys.readouterr().out
     assert "**loss** vs hetlora at the same distribution" in out
     assert "| flexlora | uniform | hetlora (uniform) | 2 |" in out
+
+
+def test_holm_adjusts_the_seed_level_p_values_within_each_table(grid):
+    fake_run(grid, "hetlora", "uniform", 0, [3.0, 2.2], rouge=20.0)
+    fake_run(grid, "hetlora", "uniform", 1, [3.0, 2.4], rouge=20.0)
+    rows = {(r.label, r.distribution): r for r in summarize(collect_runs([grid])[0])}
+    flex, het = rows[("flexlora", "uniform")], rows[("hetlora", "uniform")]
+    # loss vs fedit (2.0, 2.5): flexlora d = -0.2, -0.5 (|t| = 7/3), hetlora d = 0.2, -0.1 (|t| = 1/3), 1 df
+    p_flex = 1 - 2 / math.pi * math.atan(7 / 3)
+    p_het = 1 - 2 / math.pi * math.atan(1 / 3)
+    assert flex.seed_diff["loss"].p_t == pytest.approx(p_flex) and het.seed_diff["loss"].p_t == pytest.approx(
+        p_het
+    )
+    # Holm over the two: the smaller times 2, the larger times 1 (kept >= the first)
+    assert flex.holm_t["loss"] == pytest.approx(2 * p_flex) and het.holm_t["loss"] == pytest.approx(p_het)
+    assert het.better["loss"] == 1 and flex.better["loss"] == 2  # hetlora: 2.4 < 2.5 at seed 1 only
+    assert flex.holm_sign["loss"] == pytest.approx(1.0)  # 2 * 0.5 capped at 1
+
+
+def test_legacy_records_are_read_with_renamed_metrics_and_the_gap_is_said(tmp_path):
+    ev = {"rougeL": 3.0, "proxy_rougeL": 4.0, "per_client": {"a": {"rougeL": 1.0, "proxy_rougeL": 2.0}}}
+    assert normalize_eval(ev) == {
+        "rougeL_unstemmed": 3.0,
+        "tf_argmax_rougeL": 4.0,
+        "per_client": {"a": {"rougeL_unstemmed": 1.0, "tf_argmax_rougeL": 2.0}},
+    }
+    new = {"rougeL": 5.0, "rougeL_unstemmed": 4.0, "tf_argmax_rougeL": 1.0}
+    assert normalize_eval(dict(new)) == new
+    clients = {f"c{i}": 0.01 * i for i in range(10)}  # 10 clients x 2 seeds = 20 pairs: Monte Carlo
+    for seed, (base, flex) in enumerate([(2.0, 1.8), (2.5, 2.0)]):
+        fake_run(tmp_path, "fedit", "homo", seed, [3.0, base], rouge=20.0, per_client=clients, legacy=True)
+        fake_run(
+            tmp_path, "flexlora", "uniform", seed, [3.0, flex], rouge=22.0, per_client=clients, legacy=True
+        )
+    records, _ = collect_runs([tmp_path])
+    assert all(r.scores["rougeL"] is None and r.scores["tf_argmax_rougeL"] == 12.0 for r in records)
+    assert {r.scores["rougeL_unstemmed"] for r in records} == {20.0, 22.0}
+    build_report([tmp_path], tmp_path / "report", plots=False)
+    text = (tmp_path / "report" / "results.md").read_text()
+    assert "lack it. In 0 of 4 runs here." in text and "| Rouge-L (unstemmed) |" in text
+    assert "**Rouge-L (unstemmed)** vs" in text and "**Rouge-L (NI scorer)** vs" not in text
+    # every per-client loss difference is negative: no draw is as extreme, and the table says only a bound
+    assert "≤ 1/20001 (n=20, MC 20000 draws, none as extreme)" in text and "<0.001" not in text
 
 
 def test_last_n_evaluations_are_averaged(grid):
@@ -163,6 +189,18 @@ def test_report_files_and_cli(grid, capsys):
     rows = list(csv.DictReader(open(grid / "report" / "results.csv")))
     flex = next(r for r in rows if r["method"] == "flexlora")
     assert float(flex["loss_rel_mean"]) == pytest.approx(15.0) and flex["seeds"] == "0 1"
+    # runs.csv: the per-seed numbers; flexlora seed 0 (loss 1.8; clients 1.8, 1.6) vs fedit (2.0; 2.1, 1.9)
+    runs = {(r["method"], r["seed"]): r for r in csv.DictReader(open(grid / "report" / "runs.csv"))}
+    assert len(runs) == 5 and "runs.csv" in names
+    run = runs[("flexlora", "0")]
+    assert run["reference"] == "fedit (homo)" and float(run["loss_diff"]) == pytest.approx(-0.2)
+    assert run["loss_clients_better"] == "2/2" and run["rougeL_clients_better"] == "2/2"  # 22 > 20
+    # final spectrum (round 2): top singular values 3/2, 1/2, 0; energy beyond the smallest rank 0.1 * 2
+    assert float(run["q_proj_top_sv"]) == 1.5 and float(run["q_proj_norm_top16"]) == pytest.approx(
+        math.sqrt(2.5)
+    )
+    assert float(run["energy_beyond_min_rank_all_modules"]) == pytest.approx(0.2)
+    assert runs[("fedit", "0")]["reference"] == "" and runs[("fedit", "0")]["loss_diff"] == ""
     assert main(["report", str(grid), "--out", str(grid / "r2"), "--no-plots"]) == 0
     out = capsys.readouterr().out
     assert "**loss** vs the paired homogeneous baseline" in out and "5 finished runs of 7 planned" in out

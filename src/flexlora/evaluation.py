@@ -1,24 +1,18 @@
 """Evaluation of a model (with whatever adapter is installed) on clients' held-out examples.
 
-Three metrics per example, averaged over examples (each example weighs the same, whichever client):
+Metrics per example, averaged over examples (each example weighs the same, whichever client):
 
-* ``rougeL``: Rouge-L F1 (0-100) between the greedy generation and the reference, as in the paper.
+* ``rougeL``: the Natural Instructions Rouge-L (stemmed, :func:`flexlora.rouge.rouge_l`) between the greedy
+  generation and the reference, as in the paper; ``rougeL_unstemmed``: the same pair with our unstemmed
+  all-script tokenizer (the Rouge-L of older records).
 * ``loss``: teacher-forced mean cross-entropy over the response tokens (and its eos).
-* ``proxy_rougeL``: the paper code's cheap proxy: Rouge-L between the argmax of the teacher-forced logits
-  at the response positions and the reference.
-
-Rouge-L tokenisation (:func:`rouge_tokenize`): rouge_score's default tokenizer keeps only ``[a-z0-9]``, so
-every Persian, Russian or Chinese reference scores 0 whatever the model says. We use our own tokenizer
-with rouge_score's ``RougeScorer(["rougeL"], tokenizer=RougeTokenizer())``: NFKC-normalise and lowercase,
-then words are runs of Unicode letters, digits and combining marks (so Devanagari vowel signs stay in their
-words, which ``re.findall(r"\\w+")`` would drop), and each character of a script written without spaces
-(CJK ideographs, kana, Thai, Lao, Khmer, Myanmar) is a token of its own. No stemming, no stop words.
+* ``tf_argmax_rougeL``: unstemmed Rouge-L between the argmax of the teacher-forced logits at the response
+  positions and the reference (a cheap diagnostic; not the paper code's proxy: :mod:`flexlora.rouge`).
 """
 
 from __future__ import annotations
 
 import time
-import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -37,88 +31,9 @@ from flexlora.prompts import (
     encode_example,
     encode_prompt,
 )
+from flexlora.rouge import rouge_scores
 
-__all__ = [
-    "EvalConfig",
-    "RougeTokenizer",
-    "evaluate_clients",
-    "evaluate_examples",
-    "rouge_l",
-    "rouge_tokenize",
-]
-
-# Scripts written without spaces between words: each character is one Rouge token.
-_CHAR_SCRIPTS = (
-    (0x0E00, 0x0EFF),  # Thai, Lao
-    (0x1000, 0x109F),  # Myanmar
-    (0x1780, 0x17FF),  # Khmer
-    (0x3040, 0x30FF),  # Hiragana, Katakana
-    (0x31F0, 0x31FF),  # Katakana phonetic extensions
-    (0x3400, 0x4DBF),  # CJK extension A
-    (0x4E00, 0x9FFF),  # CJK unified ideographs
-    (0xF900, 0xFAFF),  # CJK compatibility ideographs
-    (0x20000, 0x3FFFF),  # CJK extensions B and later
-)
-
-
-def _own_token(ch: str) -> bool:
-    code = ord(ch)
-    return any(lo <= code <= hi for lo, hi in _CHAR_SCRIPTS)
-
-
-def rouge_tokenize(text: str) -> list[str]:
-    """Split ``text`` into Rouge tokens, keeping every script (rules in the module doc).
-
-    Args:
-        text: any string.
-
-    Returns:
-        Lowercased tokens, e.g. ``"Hello, دنیا! 你好"`` -> ``["hello", "دنیا", "你", "好"]``.
-    """
-    tokens: list[str] = []
-    word: list[str] = []
-    for ch in unicodedata.normalize("NFKC", text).lower():
-        if _own_token(ch):
-            if word:
-                tokens.append("".join(word))
-                word = []
-            tokens.append(ch)
-        elif unicodedata.category(ch)[0] in "LNM":  # letter, number, combining mark
-            word.append(ch)
-        elif word:
-            tokens.append("".join(word))
-            word = []
-    if word:
-        tokens.append("".join(word))
-    return tokens
-
-
-class RougeTokenizer:
-    """The ``tokenizer`` to give ``rouge_score.rouge_scorer.RougeScorer``: :func:`rouge_tokenize`."""
-
-    def tokenize(self, text: str) -> list[str]:
-        return rouge_tokenize(text)
-
-
-_SCORER = None
-
-
-def rouge_l(prediction: str, reference: str) -> float:
-    """Rouge-L F1 of ``prediction`` against ``reference``, 0-100, with :class:`RougeTokenizer`.
-
-    Args:
-        prediction: the model's text.
-        reference: the reference response.
-
-    Returns:
-        ``100 * F1`` of the longest common token subsequence; 0 when either has no token.
-    """
-    global _SCORER
-    if _SCORER is None:
-        from rouge_score.rouge_scorer import RougeScorer
-
-        _SCORER = RougeScorer(["rougeL"], tokenizer=RougeTokenizer())
-    return 100.0 * _SCORER.score(reference, prediction)["rougeL"].fmeasure
+__all__ = ["EvalConfig", "evaluate_clients", "evaluate_examples"]
 
 
 @dataclass
@@ -135,7 +50,7 @@ class EvalConfig:
             (generation: prompts are trimmed to ``max_length - max_new_tokens``).
         per_example: also return every example's scores (for paired comparisons).
         generate_final_only: with ``generate``, a federation generates (``rougeL``) at its last round only;
-            earlier evaluations take the loss and the proxy (generation is the slow part).
+            earlier evaluations take the loss and ``tf_argmax_rougeL`` (generation is the slow part).
 
     Raises:
         ValueError: every invalid field at once, each named with its value.
@@ -248,8 +163,8 @@ def evaluate_examples(
         cfg: evaluation settings (default :class:`EvalConfig`).
 
     Returns:
-        One dict per example, in order: ``loss``, ``proxy_rougeL``, ``rougeL`` (``None`` without
-        generation), ``prediction`` (the generation, or ``None``).
+        One dict per example, in order: ``loss``, ``rougeL``, ``rougeL_unstemmed`` (both ``None`` without
+        generation), ``tf_argmax_rougeL``, ``prediction`` (the generation, or ``None``).
     """
     cfg = cfg or EvalConfig()
     was_training = model.training
@@ -264,8 +179,7 @@ def evaluate_examples(
         results.append(
             {
                 "loss": loss,
-                "proxy_rougeL": rouge_l(argmax_text, ex.output),
-                "rougeL": rouge_l(text, ex.output) if text is not None else None,
+                **rouge_scores(text, argmax_text, ex.output),
                 "prediction": text,
             }
         )
@@ -274,9 +188,10 @@ def evaluate_examples(
 
 def _summary(rows: Sequence[dict]) -> dict:
     n = len(rows)
-    mean = {key: sum(r[key] for r in rows) / n for key in ("loss", "proxy_rougeL")}
-    rouge = None if rows[0]["rougeL"] is None else sum(r["rougeL"] for r in rows) / n
-    return {"rougeL": rouge, "loss": mean["loss"], "proxy_rougeL": mean["proxy_rougeL"], "num_examples": n}
+    out = {key: sum(r[key] for r in rows) / n for key in ("loss", "tf_argmax_rougeL")}
+    for key in ("rougeL", "rougeL_unstemmed"):  # None without generation
+        out[key] = None if rows[0][key] is None else sum(r[key] for r in rows) / n
+    return {**out, "num_examples": n}
 
 
 def evaluate_clients(
@@ -293,12 +208,13 @@ def evaluate_clients(
         cfg: evaluation settings (default :class:`EvalConfig`).
 
     Returns:
-        ``{"rougeL", "loss", "proxy_rougeL", "num_examples", "num_clients", "per_category", "per_client",
-        "seconds"}``: means over examples (``rougeL`` is ``None`` when ``cfg.generate`` is off);
+        ``{"rougeL", "rougeL_unstemmed", "loss", "tf_argmax_rougeL", "num_examples", "num_clients",
+        "per_category", "per_client", "seconds"}``: means over examples (the generated Rouge-L metrics are
+        ``None`` when ``cfg.generate`` is off);
         ``per_category`` maps each category (the example's, else its client's) and ``per_client`` each client id
-        to ``{rougeL, loss, proxy_rougeL, num_examples}`` (paired tests over clients need the latter). With
+        to the same means and ``num_examples`` (paired tests over clients need the latter). With
         ``cfg.per_example``, also ``"per_example"``: one dict per example with ``client_id``, ``category``,
-        the three scores and the ``prediction``.
+        its scores and the ``prediction``.
 
     Raises:
         ValueError: bad split, or no example to evaluate.

@@ -369,7 +369,7 @@ def round_summary(m: Mapping[str, Any]) -> str:
     ]
     if m.get("train_loss") is not None:
         parts.append(f"train loss {m['train_loss']:.4f}")
-    for key in ("loss", "rougeL", "proxy_rougeL"):
+    for key in ("loss", "rougeL", "tf_argmax_rougeL"):
         if m.get("eval", {}).get(key) is not None:
             parts.append(f"eval {key} {m['eval'][key]:.3f}")
     if m.get("privacy"):

@@ -271,10 +271,10 @@ def comparison_plots(records: Sequence[Any], rows: Sequence[Any], out: str | Pat
     """Every plot of a comparison report (see :mod:`flexlora.report`), written under ``out``."""
     out = Path(out)
     paths = []
-    for key in ("loss", "proxy_rougeL", "rougeL"):
+    for key in ("loss", "tf_argmax_rougeL", "rougeL", "rougeL_unstemmed"):
         if any(m.get("eval", {}).get(key) is not None for r in records for m in r.metrics if m.get("round")):
             paths.append(plot_metric_by_round_grid(records, key, out / f"{key}_by_round.png"))
-    for metric in ("loss", "rougeL"):
+    for metric in ("loss", "rougeL", "rougeL_unstemmed"):
         if any(r.category_gain.get(metric) for r in rows):
             paths.append(
                 plot_improvement_by_category(rows, metric, out / f"improvement_by_category_{metric}.png")

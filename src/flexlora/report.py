@@ -1,4 +1,4 @@
-"""Tables and statistics of finished runs: the paper's comparison, paired by seed and client.
+"""Tables of finished runs: the paper's comparison, paired by seed, with seed-level statistics.
 
 For each run (a cell of :mod:`flexlora.compare`, or any run directory) the score of a metric is the mean of
 its held-out evaluations over the last ``last`` evaluated rounds (``rougeL``: the rounds that have it, by
@@ -6,26 +6,26 @@ default only the last one), overall and per held-out client. Rows are (label, di
 the seeds that finished.
 
 * **mean and SD over seeds** of each metric.
-* **Relative improvement over the paired homogeneous baseline** (the paper's Table 10): for seed ``s``,
-  ``rel_s = 100 (m_s - b_s) / b_s`` for Rouge-L and the proxy, ``100 (b_s - m_s) / b_s`` for the loss (so
-  positive is better for all), with ``b_s`` the baseline at the same seed (same held-out clients, same
-  sampled clients and batches); reported as mean and SD over seeds. Baselines: ``slora+flexlora`` ->
-  ``slora``; ``X@RANK`` -> ``X``; every other heterogeneous method -> ``fedit`` (``--baseline``); all at
-  ``homo`` (every client at r8). With ``against=METHOD`` every row is paired instead with ``METHOD`` at the
-  row's own distribution (e.g. FlexLoRA vs HetLoRA under the same ranks): a head-to-head table.
-* **Paired sign-flip test** over the per-(seed, client) differences ``d_sc = m_sc - b_sc``: under the null
-  hypothesis of no difference each ``d_sc`` is as likely to have either sign, so ``p`` is the share of the
-  ``2^n`` sign patterns whose ``|mean|`` reaches the observed one (exact for ``n <= 16``, else
-  ``20,000`` seeded random patterns, ``p = (1 + hits) / (1 + draws)``). It treats clients as the units:
-  it measures how surely the difference holds on these seeds' held-out clients, not over training
-  randomness. The test over the ``n_seeds`` seed-level differences is reported too; with 3 seeds its
-  smallest possible ``p`` is 0.25.
+* **Paired difference to a reference** at the same seed (same held-out clients, sampled clients and
+  batches): ``d_s = m_s - b_s`` and the paper's relative improvement (Table 10) ``rel_s = 100 (m_s - b_s) /
+  b_s`` (``100 (b_s - m_s) / b_s`` for the loss, so positive is better for all). References: ``slora+flexlora``
+  -> ``slora``; ``X@RANK`` -> ``X``; every other heterogeneous method -> ``fedit`` (``--baseline``); all at
+  ``homo``. With ``against=METHOD`` every row is paired instead with ``METHOD`` at its own distribution.
+* **Primary evidence: seed-level tests** (:mod:`flexlora.stats`): the mean of ``d_s`` with its t-based 95%
+  CI, the paired t-test and the exact sign-flip test over seeds, each Holm-adjusted over the rows of its
+  table (one table per metric).
+* **Secondary**: the sign-flip test over the per-(seed, client) differences, which treats held-out clients
+  as independent units and so ignores the training noise they share; labelled as such, not adjusted.
+
+Metrics (:data:`METRICS`): ``rougeL`` is the Natural Instructions scorer (:func:`flexlora.rouge.rouge_l`);
+``rougeL_unstemmed`` the earlier unstemmed one; ``tf_argmax_rougeL`` the Rouge-L of the teacher-forced
+argmax. Records written before these names (``rougeL`` unstemmed, ``proxy_rougeL``) are read with their
+metrics renamed (:func:`normalize_eval`); they have no NI-scorer Rouge-L, and the tables say so.
 """
 
 from __future__ import annotations
 
 import csv
-import itertools
 import json
 import math
 import shutil
@@ -37,6 +37,7 @@ from typing import Any
 import yaml
 
 from flexlora.progress import advance, finish_phase
+from flexlora.stats import SeedTest, SignFlip, holm, mean_sd, seed_test, sign_flip_test
 
 __all__ = [
     "METRICS",
@@ -49,56 +50,35 @@ __all__ = [
     "keep_records",
     "load_run",
     "mean_sd",
+    "normalize_eval",
     "sign_flip_test",
     "summarize",
+    "write_runs",
     "write_tables",
 ]
 
-METRICS = ("loss", "rougeL", "proxy_rougeL")
+METRICS = ("loss", "rougeL", "rougeL_unstemmed", "tf_argmax_rougeL")
 LOWER_IS_BETTER = {"loss"}
 DEFAULT_BASELINE = "fedit"
-EXACT_MAX = 16
-RESAMPLES = 20_000
 # what a run's record keeps: its config, identity, provenance, rank placement, per-round metrics and summary
 # (no checkpoint, adapter or log): enough for ``flexlora report`` to rebuild every table and plot
 RECORD_FILES = ("config.yaml", "cell.json", "run.json", "assignment.json", "metrics.jsonl", "summary.json")
 
 
-# ---------------------------------------------------------------------------------------------- statistics
-def mean_sd(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample SD (``n - 1``); the SD of one value is undefined (``nan``: an empty CSV field, not a
-    spread of 0), and both are ``nan`` for none."""
-    n = len(values)
-    if n == 0:
-        return math.nan, math.nan
-    m = sum(values) / n
-    return m, (math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1)) if n > 1 else math.nan)
-
-
-def sign_flip_test(diffs: Sequence[float], resamples: int = RESAMPLES, seed: int = 0) -> float:
-    """Two-sided paired sign-flip permutation test of ``mean(diffs) = 0``.
-
-    ``p = P(|mean(e * d)| >= |mean(d)|)`` over independent random signs ``e_i = +-1``: exact (all ``2^n``
-    patterns) for ``n <= 16``, else Monte Carlo with ``resamples`` seeded patterns and the ``+1`` correction
-    ``(1 + hits) / (1 + resamples)``. ``nan`` for no differences; 1 when all are 0.
-    """
-    import torch
-
-    n = len(diffs)
-    if n == 0:
-        return math.nan
-    d = torch.tensor(diffs, dtype=torch.float64)
-    observed = abs(float(d.mean())) - 1e-12 * (1 + float(d.abs().max()))  # tolerance for ties
-    if n <= EXACT_MAX:
-        signs = torch.tensor(list(itertools.product((1.0, -1.0), repeat=n)), dtype=torch.float64)  # (2^n, n)
-        return float(((signs @ d).abs() / n >= observed).double().mean())
-    gen = torch.Generator().manual_seed(seed)
-    hits = 0
-    for start in range(0, resamples, 5000):
-        b = min(5000, resamples - start)
-        signs = torch.randint(0, 2, (b, n), generator=gen, dtype=torch.float64) * 2 - 1  # (b, n)
-        hits += int(((signs @ d).abs() / n >= observed).sum())
-    return (1 + hits) / (1 + resamples)
+def normalize_eval(ev: dict[str, Any]) -> dict[str, Any]:
+    """Rename, in place, the metrics of an evaluation written before the NI scorer (it has no
+    ``rougeL_unstemmed`` key): its ``rougeL`` was the unstemmed one and becomes ``rougeL_unstemmed``;
+    ``proxy_rougeL`` becomes ``tf_argmax_rougeL``. The same renaming applies to its per-client and
+    per-category entries. Newer evaluations pass unchanged."""
+    if "rougeL_unstemmed" in ev:
+        return ev
+    parts = [ev, *(ev.get("per_client") or {}).values(), *(ev.get("per_category") or {}).values()]
+    for part in parts:
+        if "rougeL" in part:
+            part["rougeL_unstemmed"] = part.pop("rougeL")
+        if "proxy_rougeL" in part:
+            part["tf_argmax_rougeL"] = part.pop("proxy_rougeL")
+    return ev
 
 
 # ---------------------------------------------------------------------------------------------- runs
@@ -166,6 +146,9 @@ def load_run(run_dir: str | Path, last: int = 1, finished_only: bool = True) -> 
     if not path.is_file():
         return None
     metrics = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    for m in metrics:
+        if isinstance(m.get("eval"), dict):
+            normalize_eval(m["eval"])
     done = max((m["round"] for m in metrics), default=0)
     if finished_only and done < rounds:
         return None
@@ -262,7 +245,7 @@ def _improvement(metric: str, m: float, b: float) -> float:
 
 @dataclass
 class Row:
-    """One (label, distribution) of the table."""
+    """One (label, distribution) of the table; per metric, over the seeds paired with the reference."""
 
     label: str
     distribution: str
@@ -272,9 +255,12 @@ class Row:
     values: dict[str, list[float]]  # metric -> per seed
     rel: dict[str, list[float]] = field(default_factory=dict)  # metric -> per paired seed, %
     diff: dict[str, list[float]] = field(default_factory=dict)  # metric -> m_s - b_s per paired seed
-    p_clients: dict[str, float] = field(default_factory=dict)  # metric -> sign-flip p over (seed, client)
-    p_seeds: dict[str, float] = field(default_factory=dict)
-    n_pairs: dict[str, int] = field(default_factory=dict)  # metric -> (seed, client) pairs
+    better: dict[str, int] = field(default_factory=dict)  # metric -> paired seeds where the row is better
+    seed_diff: dict[str, SeedTest] = field(default_factory=dict)  # metric -> seed-level test of diff
+    rel_ci: dict[str, tuple[float, float]] = field(default_factory=dict)  # metric -> t 95% CI of rel
+    holm_t: dict[str, float] = field(default_factory=dict)  # metric -> Holm-adjusted seed t-test p
+    holm_sign: dict[str, float] = field(default_factory=dict)  # metric -> Holm-adjusted seed sign-flip p
+    clients: dict[str, SignFlip] = field(default_factory=dict)  # metric -> secondary (seed, client) test
     category_rel: dict[str, dict[str, float]] = field(
         default_factory=dict
     )  # metric -> category -> mean rel %
@@ -283,11 +269,53 @@ class Row:
     )  # metric -> category -> mean gain in metric units, > 0 better
 
 
+def _pair(row: Row, metric: str, runs: Mapping[int, RunRecord], base: Mapping[int, RunRecord]) -> None:
+    """Fill ``row``'s paired statistics of ``metric`` from the seeds both ``runs`` and ``base`` scored."""
+    paired = [
+        s for s in row.seeds if s in base and None not in (runs[s].scores[metric], base[s].scores[metric])
+    ]
+    if not paired:
+        return
+    m = {s: runs[s].scores[metric] for s in paired}
+    b = {s: base[s].scores[metric] for s in paired}
+    row.rel[metric] = [_improvement(metric, m[s], b[s]) for s in paired]
+    row.diff[metric] = [m[s] - b[s] for s in paired]
+    row.better[metric] = sum(_gain(metric, m[s], b[s]) > 0 for s in paired)
+    row.seed_diff[metric] = seed_test(row.diff[metric])
+    row.rel_ci[metric] = seed_test(row.rel[metric]).ci
+    pairs = [
+        runs[s].per_client[metric][c] - base[s].per_client[metric][c]
+        for s in paired
+        for c in sorted(runs[s].per_client[metric])
+        if c in base[s].per_client[metric]
+    ]
+    if pairs:
+        row.clients[metric] = sign_flip_test(pairs)
+    cats: dict[str, list[tuple[float, float]]] = {}
+    for s in paired:
+        for cat, v in runs[s].per_category[metric].items():
+            if cat in base[s].per_category[metric]:
+                bc = base[s].per_category[metric][cat]
+                cats.setdefault(cat, []).append((_improvement(metric, v, bc), _gain(metric, v, bc)))
+    row.category_rel[metric] = {c: sum(r for r, _ in v) / len(v) for c, v in sorted(cats.items())}
+    row.category_gain[metric] = {c: sum(g for _, g in v) / len(v) for c, v in sorted(cats.items())}
+
+
+def _adjust(rows: Sequence[Row]) -> None:
+    """Holm-adjust, per metric (one table each), the seed-level t-test and sign-flip p-values of the rows."""
+    for metric in METRICS:
+        tested = [r for r in rows if metric in r.seed_diff]
+        for attr, key in (("holm_t", "p_t"), ("holm_sign", "p_sign")):
+            adjusted = holm([getattr(r.seed_diff[metric], key) for r in tested])
+            for r, p in zip(tested, adjusted, strict=True):
+                getattr(r, attr)[metric] = p
+
+
 def summarize(
     records: Sequence[RunRecord], baseline: str = DEFAULT_BASELINE, against: str | None = None
 ) -> list[Row]:
     """Rows of the comparison (ordered by distribution, then label as first seen), each paired with its
-    reference (:func:`reference_of`)."""
+    reference (:func:`reference_of`), with Holm-adjusted seed-level p-values per metric."""
     by_key: dict[tuple[str, str], dict[int, RunRecord]] = {}
     for r in records:
         by_key.setdefault((r.label, r.distribution), {})[r.seed] = r
@@ -295,44 +323,45 @@ def summarize(
     for (label, dist), runs in by_key.items():
         seeds = sorted(runs)
         ref = reference_of(label, dist, baseline, against)
-        base = by_key.get(ref, {}) if ref else {}
         base_label, base_dist = ref or (None, None)
         row = Row(label, dist, seeds, base_label, base_dist, {})
         for metric in METRICS:
             row.values[metric] = [runs[s].scores[metric] for s in seeds if runs[s].scores[metric] is not None]
-            paired = [
-                s for s in seeds if s in base and None not in (runs[s].scores[metric], base[s].scores[metric])
-            ]
-            if not base_label or not paired:
-                continue
-            row.rel[metric] = [
-                _improvement(metric, runs[s].scores[metric], base[s].scores[metric]) for s in paired
-            ]
-            row.diff[metric] = [runs[s].scores[metric] - base[s].scores[metric] for s in paired]
-            if len(paired) > 1:  # one seed-level difference cannot be tested (its p would always be 1)
-                row.p_seeds[metric] = sign_flip_test(row.diff[metric])
-            pairs = [
-                runs[s].per_client[metric][c] - base[s].per_client[metric][c]
-                for s in paired
-                for c in sorted(runs[s].per_client[metric])
-                if c in base[s].per_client[metric]
-            ]
-            if pairs:
-                row.p_clients[metric] = sign_flip_test(pairs)
-                row.n_pairs[metric] = len(pairs)
-            cats: dict[str, list[tuple[float, float]]] = {}
-            for s in paired:
-                for cat, v in runs[s].per_category[metric].items():
-                    if cat in base[s].per_category[metric]:
-                        b = base[s].per_category[metric][cat]
-                        cats.setdefault(cat, []).append((_improvement(metric, v, b), _gain(metric, v, b)))
-            row.category_rel[metric] = {c: sum(r for r, _ in v) / len(v) for c, v in sorted(cats.items())}
-            row.category_gain[metric] = {c: sum(g for _, g in v) / len(v) for c, v in sorted(cats.items())}
+            if ref:
+                _pair(row, metric, runs, by_key.get(ref, {}))
         rows.append(row)
     order = {
         d: i for i, d in enumerate(("homo", "uniform", "heavy-tail-light", "normal", "heavy-tail-strong"))
     }
-    return sorted(rows, key=lambda r: (order.get(r.distribution, len(order)), r.distribution))
+    rows = sorted(rows, key=lambda r: (order.get(r.distribution, len(order)), r.distribution))
+    _adjust(rows)
+    return rows
+
+
+DIGITS = {"loss": 4, "rougeL": 2, "rougeL_unstemmed": 2, "tf_argmax_rougeL": 2}
+NAMES = {
+    "loss": "loss",
+    "rougeL": "Rouge-L (NI scorer)",
+    "rougeL_unstemmed": "Rouge-L (unstemmed)",
+    "tf_argmax_rougeL": "teacher-forced argmax Rouge-L",
+}
+LEGEND = (
+    "Seed-level (primary): difference and relative improvement are mean [t-based 95% CI] over the paired "
+    "seeds; *better*: seeds where the method beats its reference; *p t*: paired t-test over seeds; *p sign*: "
+    "exact sign-flip test over seeds (smallest possible value 2/2^seeds); *Holm*: adjusted over the rows of "
+    "each metric's table. Secondary, not adjusted: *p clients* is the sign-flip test over (seed, held-out client) "
+    "pairs, which treats clients as independent units and ignores the training noise they share (n pairs; "
+    "MC: Monte Carlo, with its number of draws)."
+)
+METRIC_NOTES = {
+    "rougeL": "*Rouge-L (NI scorer)*: the Natural Instructions scorer (rouge-score, Porter stemmer for "
+    "English, cross-lingual tokenisation otherwise); records written before it was added lack it.",
+    "rougeL_unstemmed": "*Rouge-L (unstemmed)*: rouge-score with an all-script tokenizer and no stemming, the "
+    "only Rouge-L of records written before the NI scorer; not comparable with published NI scores.",
+    "tf_argmax_rougeL": "*teacher-forced argmax Rouge-L*: unstemmed Rouge-L of the argmax of the teacher-forced logits at "
+    "the response positions on the held-out clients (called 'proxy Rouge-L' in older records); a cheap "
+    "diagnostic, not the paper code's proxy.",
+}
 
 
 def _fmt(values: Sequence[float], digits: int) -> str:
@@ -342,25 +371,54 @@ def _fmt(values: Sequence[float], digits: int) -> str:
     return f"{m:.{digits}f} ± {sd:.{digits}f}" if len(values) > 1 else f"{m:.{digits}f}"
 
 
+def _ci(mean: float, ci: tuple[float, float], digits: int) -> str:
+    if math.isnan(ci[0]):
+        return f"{mean:+.{digits}f}"
+    return f"{mean:+.{digits}f} [{ci[0]:+.{digits}f}, {ci[1]:+.{digits}f}]"
+
+
 def _p(p: float | None) -> str:
-    return "-" if p is None or math.isnan(p) else (f"{p:.3f}" if p >= 0.001 else "<0.001")
+    """An exact or parametric p-value: 3 decimals, or 2 significant digits below 0.001."""
+    if p is None or math.isnan(p):
+        return "-"
+    return f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
 
 
-DIGITS = {"loss": 4, "rougeL": 2, "proxy_rougeL": 2}
-NAMES = {"loss": "loss", "rougeL": "Rouge-L", "proxy_rougeL": "proxy Rouge-L"}
+def _p_clients(test: SignFlip | None) -> str:
+    if test is None or math.isnan(test.p):
+        return "-"
+    if test.exact:
+        return f"{_p(test.p)} (n={test.n}, exact)"
+    if test.at_floor:
+        return f"≤ 1/{test.draws + 1} (n={test.n}, MC {test.draws} draws, none as extreme)"
+    return f"{_p(test.p)} (n={test.n}, MC {test.draws} draws)"
+
+
+def _metric_notes(rows: Sequence[Row]) -> list[str]:
+    """What each Rouge-L metric is, and in how many runs it is when some lack it (e.g. records older than
+    the NI scorer)."""
+    runs = sum(len(r.seeds) for r in rows)
+    notes = []
+    for m, note in METRIC_NOTES.items():
+        have = sum(len(r.values[m]) for r in rows)
+        notes.append(note + ("" if have == runs else f" In {have} of {runs} runs here."))
+    return notes
 
 
 def markdown_table(rows: Sequence[Row], against: str | None = None) -> str:
     """The results: absolute scores (mean ± SD over seeds), then per metric the paired comparison with the
-    homogeneous baseline (or with ``against`` at the same distribution): difference ``m - b`` and relative
-    improvement (mean ± SD over paired seeds), and the sign-flip p-values over (seed, client) pairs and over
-    seeds."""
-    head = ["method", "distribution", "seeds", *(NAMES[m] for m in METRICS)]
+    reference, seed-level first (difference and relative improvement with 95% CI, seeds better, t-test and
+    exact sign-flip p with their Holm adjustment), then the secondary client-level p."""
+    shown = [m for m in METRICS if any(r.values[m] for r in rows)]
+    head = ["method", "distribution", "seeds", *(NAMES[m] for m in shown)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r.label, r.distribution, str(len(r.seeds))] + [_fmt(r.values[m], DIGITS[m]) for m in METRICS]
+        cells = [r.label, r.distribution, str(len(r.seeds))] + [_fmt(r.values[m], DIGITS[m]) for m in shown]
         lines.append("| " + " | ".join(cells) + " |")
-    for m in METRICS:
+    lines += [""] + [f"* {n}" for n in _metric_notes(rows)]
+    if any(r.rel for r in rows):
+        lines += ["", LEGEND]
+    for m in shown:
         paired = [r for r in rows if r.rel.get(m)]
         if not paired:
             continue
@@ -370,33 +428,71 @@ def markdown_table(rows: Sequence[Row], against: str | None = None) -> str:
             "",
             f"**{NAMES[m]}** vs {versus} ({better} is better; relative improvement > 0 is better)",
             "",
-            "| method | distribution | vs | paired seeds | difference | rel. impr. % | p (seed x client) | p (seeds) |",
-            "|---|---|---|---|---|---|---|---|",
+            "| method | distribution | vs | seeds | difference [95% CI] | rel. impr. % [95% CI] | better "
+            "| p t | Holm p t | p sign | Holm p sign | secondary: p clients |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in paired:
-            p_clients = _p(r.p_clients.get(m)) + (f" (n={r.n_pairs[m]})" if m in r.n_pairs else "")
+            t = r.seed_diff[m]
+            rel_mean = mean_sd(r.rel[m])[0]
             cells = [
                 r.label,
                 r.distribution,
                 f"{r.baseline} ({r.reference_distribution})",
                 str(len(r.rel[m])),
-                _fmt(r.diff[m], DIGITS[m]),
-                _fmt(r.rel[m], 2),
-                p_clients,
-                _p(r.p_seeds.get(m)),
+                _ci(t.mean, t.ci, DIGITS[m]),
+                _ci(rel_mean, r.rel_ci[m], 2),
+                f"{r.better[m]}/{len(r.rel[m])}",
+                _p(t.p_t),
+                _p(r.holm_t.get(m)),
+                _p(t.p_sign),
+                _p(r.holm_sign.get(m)),
+                _p_clients(r.clients.get(m)),
             ]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
+def _csv_fields(m: str) -> list[str]:
+    return [
+        f"{m}_{k}"
+        for k in (
+            "mean", "sd", "diff_mean", "diff_sd", "diff_ci_low", "diff_ci_high", "rel_mean", "rel_sd",
+            "rel_ci_low", "rel_ci_high", "seeds_better", "p_t_seeds", "p_t_seeds_holm", "p_sign_seeds",
+            "p_sign_seeds_holm", "p_clients", "p_clients_pairs", "p_clients_draws", "p_clients_hits",
+        )
+    ]  # fmt: skip
+
+
+def _csv_row(r: Row, m: str) -> dict[str, Any]:
+    t, c = r.seed_diff.get(m), r.clients.get(m)
+    nan2 = (math.nan, math.nan)
+    values = [
+        *mean_sd(r.values[m]),
+        *mean_sd(r.diff.get(m, [])),
+        *(t.ci if t else nan2),
+        *mean_sd(r.rel.get(m, [])),
+        *r.rel_ci.get(m, nan2),
+        r.better.get(m, ""),
+        t.p_t if t else "",
+        r.holm_t.get(m, ""),
+        t.p_sign if t else "",
+        r.holm_sign.get(m, ""),
+        c.p if c else "",
+        c.n if c else "",
+        c.draws if c else "",
+        c.hits if c else "",
+    ]
+    return dict(zip(_csv_fields(m), values, strict=True))
+
+
 def write_tables(rows: Sequence[Row], out: Path, against: str | None = None) -> list[Path]:
-    """``results.md``, ``results.csv`` (one row per (method, distribution)), ``per_category.csv``."""
+    """``results.md``, ``results.csv`` (one row per (method, distribution)), ``per_category.csv``; the
+    per-run numbers go to ``runs.csv`` (:func:`write_runs`)."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text(markdown_table(rows, against))
     fields = ["method", "distribution", "seeds", "baseline", "baseline_distribution"]
-    for m in METRICS:
-        fields += [f"{m}_mean", f"{m}_sd", f"{m}_diff_mean", f"{m}_diff_sd", f"{m}_rel_mean", f"{m}_rel_sd"]
-        fields += [f"{m}_p_seed_client", f"{m}_pairs", f"{m}_p_seeds"]
+    fields += [f for m in METRICS for f in _csv_fields(m)]
     with open(out / "results.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=fields)
         w.writeheader()
@@ -409,12 +505,7 @@ def write_tables(rows: Sequence[Row], out: Path, against: str | None = None) -> 
                 "baseline_distribution": r.reference_distribution or "",
             }
             for m in METRICS:
-                rec[f"{m}_mean"], rec[f"{m}_sd"] = mean_sd(r.values[m])
-                rec[f"{m}_diff_mean"], rec[f"{m}_diff_sd"] = mean_sd(r.diff.get(m, []))
-                rec[f"{m}_rel_mean"], rec[f"{m}_rel_sd"] = mean_sd(r.rel.get(m, []))
-                rec[f"{m}_p_seed_client"] = r.p_clients.get(m, "")
-                rec[f"{m}_pairs"] = r.n_pairs.get(m, "")
-                rec[f"{m}_p_seeds"] = r.p_seeds.get(m, "")
+                rec.update(_csv_row(r, m))
             w.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in rec.items()})
     with open(out / "per_category.csv", "w", newline="") as fh:
         w = csv.writer(fh)
@@ -436,6 +527,56 @@ def write_tables(rows: Sequence[Row], out: Path, against: str | None = None) -> 
                         ]
                     )
     return [out / "results.md", out / "results.csv", out / "per_category.csv"]
+
+
+def _spectrum_columns(record: RunRecord) -> dict[str, float]:
+    """The last recorded spectrum of a run's aggregate update: per module kind, its leading singular value
+    and the norm of its top 16 (means over layers), and the share of energy beyond the smallest client rank
+    (mean over all target modules, every kind together)."""
+    last = next((m["spectrum"] for m in reversed(record.metrics) if "spectrum" in m), None)
+    if last is None:
+        return {}
+    out = {}
+    for kind, values in sorted(last.get("top_singular_values", {}).items()):
+        out[f"{kind}_top_sv"] = values[0] if values else math.nan
+        out[f"{kind}_norm_top16"] = math.sqrt(sum(v * v for v in values[:16]))
+    out["energy_beyond_min_rank_all_modules"] = last.get("energy_beyond_min_rank", math.nan)
+    return out
+
+
+def write_runs(
+    records: Sequence[RunRecord], out: Path, baseline: str = DEFAULT_BASELINE, against: str | None = None
+) -> Path:
+    """``runs.csv``: one row per run (the per-seed numbers behind the tables): its scores, per metric the
+    difference to its reference at the same seed and how many held-out clients it beats the reference on
+    (``k/n``), and the spectrum of its final aggregate (:func:`_spectrum_columns`)."""
+    by_cell = {(r.label, r.distribution, r.seed): r for r in records}
+    rows = []
+    for r in sorted(records, key=lambda r: (r.label, r.distribution, r.seed)):
+        ref = reference_of(r.label, r.distribution, baseline, against)
+        b = by_cell.get((*ref, r.seed)) if ref else None
+        row: dict[str, Any] = {"method": r.label, "distribution": r.distribution, "seed": r.seed}
+        row["reference"] = f"{ref[0]} ({ref[1]})" if b else ""
+        for m in METRICS:
+            row[m] = r.scores[m]
+            paired = b is not None and None not in (r.scores[m], b.scores[m])
+            row[f"{m}_diff"] = r.scores[m] - b.scores[m] if paired else None
+            common = [c for c in r.per_client[m] if b is not None and c in b.per_client[m]]
+            wins = sum(_gain(m, r.per_client[m][c], b.per_client[m][c]) > 0 for c in common) if b else 0
+            row[f"{m}_clients_better"] = f"{wins}/{len(common)}" if paired and common else ""
+        rows.append({**row, **_spectrum_columns(r)})
+    fields = list(dict.fromkeys(k for row in rows for k in row))
+    with open(out / "runs.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=fields)
+        w.writeheader()
+        for row in rows:
+            w.writerow(
+                {
+                    k: ("" if v is None or (isinstance(v, float) and math.isnan(v)) else v)
+                    for k, v in row.items()
+                }
+            )
+    return out / "runs.csv"
 
 
 def build_report(
@@ -462,7 +603,7 @@ def build_report(
     if not records:
         raise ValueError(f"no finished run under {', '.join(map(str, paths))}")
     rows = summarize(records, baseline, against)
-    files = write_tables(rows, out, against)
+    files = write_tables(rows, out, against) + [write_runs(records, out, baseline, against)]
     planned = len(plan.get("cells", []))
     status = f"{len(records)} finished runs" + (f" of {planned} planned cells" if planned else "")
     (out / "results.md").write_text(

@@ -4,9 +4,10 @@ data source.
     flexlora evaluate --data PATH [--adapter DIR] [--model M] [--split test]
                       [--max-examples-per-client K] [--json] [--no-progress]
 
-Prints the overall and per-category metrics: greedy-generation Rouge-L (0-100), the teacher-forced loss on
-response tokens, and the paper code's teacher-forced Rouge-L proxy, averaged over examples. With
-``--json`` the last line is one JSON object (``rougeL``, ``loss``, ``proxy_rougeL``, ``num_examples``,
+Prints the overall and per-category metrics: greedy-generation Rouge-L (0-100; the Natural Instructions
+scorer, stemmed, and our unstemmed one), the teacher-forced loss on response tokens, and the Rouge-L of
+the teacher-forced argmax, averaged over examples (:mod:`flexlora.rouge`). With ``--json`` the last line
+is one JSON object (``rougeL``, ``rougeL_unstemmed``, ``loss``, ``tf_argmax_rougeL``, ``num_examples``,
 ``per_category``, ...). Progress (examples scored, then generated, with an ETA) goes to stderr: a bar on a
 terminal, a line every 30 s otherwise; ``--no-progress`` turns it off.
 """
@@ -71,10 +72,13 @@ def run(args: argparse.Namespace) -> int:
     if host is not None:
         host.unload()
     what = f"adapter {args.adapter}" if args.adapter else f"base model {args.model}"
-    rouge = "n/a" if metrics["rougeL"] is None else f"{metrics['rougeL']:.2f}"
+    rouge, unstemmed = (
+        "n/a" if metrics[k] is None else f"{metrics[k]:.2f}" for k in ("rougeL", "rougeL_unstemmed")
+    )
     print(
         f"{what} on {len(ids)} clients ({metrics['num_examples']} {args.split} examples): "
-        f"Rouge-L {rouge}, loss {metrics['loss']:.4f}, proxy Rouge-L {metrics['proxy_rougeL']:.2f}"
+        f"Rouge-L {rouge} (unstemmed {unstemmed}), loss {metrics['loss']:.4f}, "
+        f"teacher-forced argmax Rouge-L {metrics['tf_argmax_rougeL']:.2f}"
     )
     for category, m in sorted(metrics["per_category"].items()):
         r = "n/a" if m["rougeL"] is None else f"{m['rougeL']:.2f}"

@@ -4,7 +4,8 @@ flexlora report RUN_DIR... [--out DIR] [--baseline fedit | --against METHOD] [--
     [--keep-records] [--no-progress]
 
 RUN_DIR is a run directory, or any directory holding runs (a ``flexlora compare`` output). Unfinished runs
-are left out. Writes ``results.md``, ``results.csv``, ``per_category.csv`` and the PNG plots to ``--out``
+are left out. Writes ``results.md``, ``results.csv``, ``per_category.csv``, ``runs.csv`` (one row per run:
+the per-seed numbers) and the PNG plots to ``--out``
 (default: the first RUN_DIR's ``report/``) and prints the Markdown table. ``--against hetlora`` pairs every
 method with HetLoRA at the same distribution (a head-to-head table) instead of with the homogeneous baseline.
 ``--keep-records`` also copies each run's small files (config, metrics, provenance; no checkpoint) to
