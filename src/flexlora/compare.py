@@ -42,6 +42,7 @@ import yaml
 
 from flexlora.config import ConfigError, RunConfig, load_config
 from flexlora.core.ranks import DISTRIBUTIONS, RANK_TYPES, parse_rank_type
+from flexlora.core.safe_load import load_yaml_file
 
 __all__ = [
     "Cell",
@@ -257,7 +258,7 @@ class Comparison:
             except ConfigError as exc:
                 errors.append(str(exc))
         if errors:
-            raise ConfigError("\n".join(errors))
+            raise ConfigError("; ".join(errors))
         return out
 
     def progress(self) -> str:
@@ -299,7 +300,7 @@ def load_comparison(
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = load_yaml_file(path) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     section = raw.pop("compare", None) or {}
