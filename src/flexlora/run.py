@@ -191,6 +191,10 @@ def _execute(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool) -> Run
     model, tokenizer = load_model(cfg.model.name, cfg.model.dtype, cfg.model.device, seed=cfg.federation.seed)
     host = LoraHost(model, cfg.model.target_modules)
     plan = make_plan(cfg, dict(zip(train_ids, types, strict=True)), host.shapes)
+    state = None
+    if resume:  # checked against the model before anything is written
+        state, _ = load_checkpoint(run_dir)
+        check_shapes(state.global_state, host.shapes, run_dir)
     eval_ids = heldout_ids[: cfg.federation.eval_clients] if cfg.federation.eval_clients else heldout_ids
     trained_ids = train_ids[: cfg.federation.eval_trained_clients]
 
@@ -257,10 +261,7 @@ def _execute(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool) -> Run
         round_retries=cfg.security.round_retries,
     )
     # ---------------------------------------------------------------- run
-    state = None
-    if resume:
-        state, _ = load_checkpoint(run_dir)
-        check_shapes(state.global_state, host.shapes, run_dir)
+    if state is not None:
         log.info("resuming after round %d", state.round)
     try:
         state = federation.run(state)

@@ -131,16 +131,18 @@ def load_yaml(text: str | bytes, where: str, max_bytes: int = MAX_YAML_BYTES) ->
     data = text.encode() if isinstance(text, str) else bytes(text)
     if len(data) > max_bytes:
         raise LoadError(f"{where}: {len(data)} bytes, more than the {max_bytes} allowed")
-    loader = _BoundedLoader(data)
-    loader.name = where
+    loader = None
     try:
+        loader = _BoundedLoader(data)  # decodes the first bytes already
+        loader.name = where
         return loader.get_single_data()
     except RecursionError:
         raise LoadError(f"{where}: YAML nested deeper than {MAX_DEPTH} levels") from None
     except yaml.YAMLError as exc:
         raise LoadError(f"{where}: not valid YAML ({_first_line(exc)})") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def load_yaml_file(path: str | os.PathLike, max_bytes: int = MAX_YAML_BYTES) -> Any:
