@@ -183,7 +183,16 @@ def _ni_line(**overrides) -> bytes:
 
 def _data(root: Path, payload: bytes, name: str = "data.jsonl") -> list[str]:
     (root / name).write_bytes(payload)
-    return ["run", "cfg.yaml", "--set", f"data.path={name}", "--set", "data.format=ni-jsonl"]
+    return [
+        "run",
+        "cfg.yaml",
+        "--set",
+        f"data.path={name}",
+        "--set",
+        "data.format=ni-jsonl",
+        "--set",
+        "data.options={}",
+    ]
 
 
 def _gz(lines: bytes) -> bytes:
