@@ -139,9 +139,10 @@ def test_weights_count_must_match(tmp_path, clients, capsys):
 def test_existing_output_untouched_on_failure(tmp_path, clients, capsys):
     out = tmp_path / "out"
     out.mkdir()
+    (out / ".flexlora-aggregate").write_text("{}")  # an earlier output, replaceable with --overwrite
     (out / "keep.txt").write_text("previous result")
     (clients[0][0] / "adapter_config.json").unlink()
-    code = main(["aggregate", *[str(p) for p, _ in clients], "--out", str(out), "--rank", "4"])
+    code = main(["aggregate", *[str(p) for p, _ in clients], "--out", str(out), "--rank", "4", "--overwrite"])
     assert code == 2 and "missing adapter_config.json" in capsys.readouterr().err
     assert (out / "keep.txt").read_text() == "previous result"
 

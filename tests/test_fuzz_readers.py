@@ -1,5 +1,6 @@
-"""Fuzzing the readers of untrusted files (safetensors, PEFT adapters, checkpoints) with hypothesis:
-malformed headers, truncated and bit-flipped files, wrong dtypes, huge declared shapes, hostile JSON.
+"""Fuzzing the readers of untrusted files (safetensors, PEFT adapters, checkpoints, run configs, NI data
+files) with hypothesis: malformed headers, truncated and bit-flipped files, wrong dtypes, huge declared
+shapes, hostile JSON and YAML, corrupt gzip. Configs and data files may only raise a one-line ValueError.
 
 Each input either loads, with no tensor larger than the file that holds it, or is refused with the one
 clear error (:class:`AdapterError`); nothing else may escape, and peak memory stays small.
@@ -25,11 +26,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from flexlora.checkpoint import ServerState, load_checkpoint, save_checkpoint
+from flexlora.config import load_config  # imported here: the memory check then sees only what inputs cost
 from flexlora.core.adapter_io import read_adapter, write_adapter
 from flexlora.core.aggregators import GlobalState
 from flexlora.core.errors import AdapterError
 from flexlora.core.lora import LoraFactors
 from flexlora.core.safetensors_io import read_safetensors, write_safetensors
+from flexlora.data import open_source
 
 FUZZ = settings(
     max_examples=int(os.environ.get("FLEXLORA_FUZZ_EXAMPLES", "150")),
@@ -337,5 +340,133 @@ def test_hostile_checkpoints(checkpoint_dir, server, cut, flips):
             data[pos % len(data)] ^= mask
         weights.write_bytes(bytes(data[: len(data) - cut % (len(data) + 1)] if cut % 3 == 0 else data))
         expect_refused_or_small(lambda p: load_checkpoint(p)[0].global_state.to_tensors(), tmp, "checkpoint")
+    finally:
+        shutil.rmtree(tmp)
+
+
+# ---------------------------------------------------------------------------------------------- run configs
+def expect_value_error(call, what: str):
+    """Call ``call()``; only ValueError (ConfigError, LoadError, ...) may escape, with a one-line message."""
+    TRIED[what] += 1
+    try:
+        return call()
+    except ValueError as exc:
+        assert "\n" not in str(exc).strip(), str(exc)
+        REFUSED[f"{what}: {type(exc).__name__}"] += 1
+        return None
+
+
+SECTIONS = ("model", "data", "federation", "security", "train", "eval")
+CONFIG_VALUES = st.one_of(
+    JSON,
+    st.floats(),
+    st.integers(-(2**80), 2**80),
+    st.sampled_from(["tiny", "flexlora", "homo", "", "..", "/", "synthetic", [], {}]),
+)
+RUN_CONFIGS = st.dictionaries(
+    st.sampled_from([*SECTIONS, "name", "output_dir", "junk"]),
+    st.one_of(
+        st.dictionaries(
+            st.sampled_from(
+                [
+                    "name",
+                    "lora_alpha",
+                    "rounds",
+                    "seed",
+                    "method",
+                    "path",
+                    "options",
+                    "lr",
+                    "steps",
+                    "max_examples",
+                ]
+            ),
+            CONFIG_VALUES,
+            max_size=4,
+        ),
+        CONFIG_VALUES,
+    ),
+    max_size=5,
+)
+
+
+@FUZZ
+@given(RUN_CONFIGS, st.sampled_from(["yaml", "json-in-yaml", "cut"]))
+def test_hostile_run_configs(config, form):
+    text = yaml_dump(config) if form != "json-in-yaml" else json.dumps(config, default=str)
+    if form == "cut":
+        text = text[: len(text) // 2]
+    path = Path(tempfile.mkdtemp()) / "c.yaml"
+    try:
+        path.write_text(text)
+        cfg = expect_value_error(lambda: load_config(path), "run config")
+        if cfg is not None:
+            assert cfg.model.lora_alpha > 0 and cfg.federation.rounds >= 1
+    finally:
+        shutil.rmtree(path.parent)
+
+
+@FUZZ
+@given(st.binary(max_size=400))
+def test_random_bytes_as_run_config(data):
+    path = Path(tempfile.mkdtemp()) / "c.yaml"
+    try:
+        path.write_bytes(data)
+        expect_value_error(lambda: load_config(path), "config bytes")
+    finally:
+        shutil.rmtree(path.parent)
+
+
+def yaml_dump(value) -> str:
+    import yaml
+
+    try:
+        return yaml.safe_dump(value)
+    except (yaml.YAMLError, ValueError):
+        return json.dumps(value, default=str)
+
+
+# ---------------------------------------------------------------------------------------------- data files
+PAIRS = st.one_of(st.lists(st.lists(st.text(max_size=4), min_size=2, max_size=2), max_size=3), JSON)
+NI_RECORDS = st.fixed_dictionaries(
+    {},
+    optional={
+        "client_id": st.one_of(st.text(max_size=3), st.integers(0, 5), JSON),
+        "task": st.one_of(st.text(max_size=3), JSON),
+        "category": st.one_of(st.text(max_size=3), JSON),
+        "definition": st.one_of(st.text(max_size=3), JSON),
+        "train": PAIRS,
+        "eval": PAIRS,
+        "test": PAIRS,
+    },
+)
+
+
+def _load_all(path: Path, cache: Path):
+    source = open_source(path, "ni-jsonl", cache_dir=cache)
+    return [source.load(c) for c in source.client_ids()]
+
+
+@FUZZ
+@given(
+    st.lists(st.one_of(NI_RECORDS, JSON), min_size=1, max_size=4),
+    st.booleans(),
+    st.integers(0, 400),
+    st.lists(st.tuples(st.integers(0, 400), st.integers(1, 255)), max_size=2),
+)
+def test_hostile_ni_jsonl_files(records, gz, cut, flips):
+    import gzip
+
+    tmp = Path(tempfile.mkdtemp())
+    try:
+        data = "".join(json.dumps(r) + "\n" for r in records).encode()
+        if gz:
+            data = bytearray(gzip.compress(data, mtime=0))
+            for pos, mask in flips:
+                data[pos % len(data)] ^= mask
+            data = bytes(data[: len(data) - cut % 8 * (cut % 3 == 0)])
+        path = tmp / ("d.jsonl.gz" if gz else "d.jsonl")
+        path.write_bytes(data)
+        expect_value_error(lambda: _load_all(path, tmp / "cache"), "NI data file")
     finally:
         shutil.rmtree(tmp)

@@ -46,6 +46,7 @@ import yaml
 
 from flexlora.config import ConfigError, RunConfig, load_config
 from flexlora.core.ranks import DISTRIBUTIONS, RANK_TYPES, parse_rank_type
+from flexlora.core.safe_load import load_yaml_file
 from flexlora.tracking import for_comparison
 
 __all__ = [
@@ -311,7 +312,7 @@ class Comparison:
             except ConfigError as exc:
                 errors.append(str(exc))
         if errors:
-            raise ConfigError("\n".join(errors))
+            raise ConfigError("; ".join(errors))
         return out
 
     def progress(self) -> str:
@@ -357,7 +358,7 @@ def load_comparisons(
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = load_yaml_file(path) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     section = raw.pop("compare", None) or {}

@@ -8,19 +8,19 @@ The resolved config is saved with every run and every checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from flexlora.core.aggregators import AGGREGATORS
 from flexlora.core.aggregators.hetlora_cho import TailPenalty
 from flexlora.core.privacy import DP_METHODS, accountant_available
 from flexlora.core.ranks import DISTRIBUTIONS, parse_rank_type
 from flexlora.core.robust import ROBUST_RULES
+from flexlora.core.safe_load import LoadError, load_yaml, load_yaml_file
 from flexlora.core.svd import SVD_ROUTES
 from flexlora.evaluation import EvalConfig
 from flexlora.tracking import tracking_settings
@@ -39,6 +39,9 @@ __all__ = [
 METHODS = (*AGGREGATORS, "fedit", "slora", "slora+flexlora")
 HOMOGENEOUS_ONLY = ("fedavg", "fedit", "slora")
 SLORA_METHODS = ("slora", "slora+flexlora")
+MAX_INT = 2**31 - 1  # any integer field (seeds, counts, steps)
+MAX_ROUNDS = 100_000
+ALPHA_RANGE = (1e-6, 1e6)  # LoRA scale alpha/r; beyond it the factors B = dW-part / scale over/underflow
 
 
 class ConfigError(ValueError):
@@ -203,6 +206,8 @@ def _build(cls: type, raw: Any, prefix: str, errors: list[str]) -> Any:
             kwargs[f.name] = _build(hint, value, f"{prefix}{f.name}.", errors)
         elif not _type_ok(value, hint):
             errors.append(f"{prefix}{f.name}: expected {_hint_name(hint)}, got {value!r}")
+        elif _out_of_range(value):
+            errors.append(f"{prefix}{f.name}: {_out_of_range(value)}, got {value!r}")
         else:
             kwargs[f.name] = float(value) if hint is float else value
     try:
@@ -210,6 +215,16 @@ def _build(cls: type, raw: Any, prefix: str, errors: list[str]) -> Any:
     except (ValueError, TypeError) as exc:  # __post_init__ checks of a section
         errors.append(f"{prefix.rstrip('.') or 'config'}: {exc}")
         return cls()
+
+
+def _out_of_range(value: Any) -> str | None:
+    """Why a number (or a number in a list) is unusable in any field: NaN, infinite or beyond ``MAX_INT``."""
+    for v in value if isinstance(value, list) else [value]:
+        if isinstance(v, float) and not math.isfinite(v):
+            return "must be a finite number"
+        if isinstance(v, int) and not isinstance(v, bool) and abs(v) > MAX_INT:
+            return f"must lie within +-{MAX_INT}"
+    return None
 
 
 def _hint_name(hint: Any) -> str:
@@ -244,6 +259,13 @@ def _check(cfg: RunConfig, errors: list[str]) -> None:
     for key in ("rounds", "min_clients", "eval_every"):
         if getattr(fed, key) < 1:
             errors.append(f"federation.{key}: must be >= 1, got {getattr(fed, key)}")
+    if fed.rounds > MAX_ROUNDS:
+        errors.append(f"federation.rounds: must be <= {MAX_ROUNDS}, got {fed.rounds}")
+    if fed.seed < 0:
+        errors.append(f"federation.seed: must be >= 0, got {fed.seed}")
+    for key in ("eval_clients", "eval_trained_clients"):
+        if (getattr(fed, key) or 0) < 0:
+            errors.append(f"federation.{key}: must be >= 0, got {getattr(fed, key)}")
     if fed.clients_per_round <= 0 or (
         fed.clients_per_round > 1 and fed.clients_per_round != int(fed.clients_per_round)
     ):
@@ -276,8 +298,15 @@ def _check(cfg: RunConfig, errors: list[str]) -> None:
         errors.append("data.eval_on: 'validation' needs data.num_validation >= 1")
     if cfg.data.num_validation < 0:
         errors.append(f"data.num_validation: must be >= 0, got {cfg.data.num_validation}")
+    _check_run_dir(cfg, errors)
     if cfg.data.num_heldout < 0:
         errors.append(f"data.num_heldout: must be >= 0, got {cfg.data.num_heldout}")
+    if cfg.data.max_clients is not None and cfg.data.max_clients < 1:
+        errors.append(f"data.max_clients: must be >= 1 or null, got {cfg.data.max_clients}")
+    if not ALPHA_RANGE[0] <= cfg.model.lora_alpha <= ALPHA_RANGE[1]:
+        errors.append(
+            f"model.lora_alpha: must lie in [{ALPHA_RANGE[0]}, {ALPHA_RANGE[1]:g}], got {cfg.model.lora_alpha}"
+        )
     if cfg.model.dtype not in ("float32", "bfloat16", "float16"):
         errors.append(f"model.dtype: {cfg.model.dtype!r} is not one of ['bfloat16', 'float16', 'float32']")
     if not cfg.model.target_modules:
@@ -286,6 +315,15 @@ def _check(cfg: RunConfig, errors: list[str]) -> None:
         tracking_settings(cfg.tracking)
     except ValueError as exc:
         errors.append(str(exc))
+
+
+def _check_run_dir(cfg: RunConfig, errors: list[str]) -> None:
+    """``name`` is one plain path component, so ``output_dir/name`` stays inside ``output_dir``."""
+    name = cfg.name
+    if name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name or Path(name).is_absolute():
+        errors.append(f"name: must be a plain directory name (no '/', '..' or empty), got {name!r}")
+    if "\0" in cfg.output_dir:
+        errors.append(f"output_dir: must be a path, got {cfg.output_dir!r}")
 
 
 def _check_security(cfg: RunConfig, errors: list[str]) -> None:
@@ -337,7 +375,10 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {item!r}: {p} is not a section")
-        node[leaf] = yaml.safe_load(text)
+        try:
+            node[leaf] = load_yaml(text, f"--set {key}")
+        except LoadError as exc:
+            raise ConfigError(str(exc)) from None
     return raw
 
 
@@ -348,14 +389,17 @@ def load_config(
     validate everything at once.
 
     Raises:
-        ConfigError: listing every bad key, one per line.
+        ConfigError: listing every bad key on one line, separated by ``;``.
     """
     raw = dict(raw or {})
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"{path}: config file not found")
-        raw = yaml.safe_load(path.read_text()) or {}
+        try:
+            raw = load_yaml_file(path) or {}
+        except LoadError as exc:
+            raise ConfigError(str(exc)) from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
     raw = apply_overrides(raw, overrides or [])
@@ -363,5 +407,5 @@ def load_config(
     cfg = _build(RunConfig, raw, "", errors)
     _check(cfg, errors)
     if errors:
-        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+        raise ConfigError("invalid config: " + "; ".join(" ".join(e.split()) for e in errors))
     return cfg

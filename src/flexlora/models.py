@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from flexlora.core.errors import AdapterError
+from flexlora.core.errors import AdapterError, EnvironmentFailure
 from flexlora.core.lora import LoraFactors
 
 __all__ = [
@@ -34,6 +34,7 @@ __all__ = [
     "DEFAULT_TARGET_MODULES",
     "LoraHost",
     "cache_dir",
+    "check_model_name",
     "load_model",
     "model_device",
     "response_logits",
@@ -214,6 +215,39 @@ def _smollm2_gguf() -> Path:
         if path.is_file():
             return path
     raise FileNotFoundError(f"{SMOLLM2_GGUF} not found in package {SMOLLM2_PACKAGE!r}")
+
+
+def check_model_name(name: str) -> None:
+    """Whether :func:`load_model` can find ``name``, without loading it.
+
+    Raises:
+        ValueError: ``name`` is not ``tiny``, ``smollm2``, a local model directory (with ``config.json``)
+            or a model in the Hugging Face cache.
+        EnvironmentFailure: ``smollm2`` without its package.
+    """
+    if name == "tiny":
+        return
+    if name == "smollm2":
+        try:
+            _smollm2_gguf()
+        except FileNotFoundError as exc:
+            raise EnvironmentFailure(str(exc)) from None
+        return
+    if Path(name).is_dir():
+        if not (Path(name) / "config.json").is_file():
+            raise ValueError(f"model.name: {name} is a directory without config.json")
+        return
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(name, "config.json")
+    except ValueError:  # not a valid repository id
+        cached = None
+    if not isinstance(cached, str):
+        raise ValueError(
+            f"model.name: {name!r} is not 'tiny', 'smollm2', a local model directory or a model in the "
+            "Hugging Face cache"
+        )
 
 
 def _cache_valid(path: Path, marker: dict) -> bool:

@@ -6,7 +6,12 @@ with its LoRA host, aggregator, engine, evaluator), runs the federation, and wri
 ``config.yaml`` (resolved), ``run.json`` (seed, package versions, command), ``assignment.json`` (each client's
 rank type), ``metrics.jsonl`` (one line per round), ``checkpoint/`` (after every round), ``adapters/full``
 (the exact global update as a PEFT adapter) and ``adapters/<rank type>`` (what a client of that type
-receives), ``summary.json``, ``log.txt``.
+receives), ``summary.json``, ``log.txt``, and the marker ``.flexlora-run``.
+
+A new run is validated whole (config, data source, model name) before its directory is touched; an existing
+directory is replaced (``overwrite``) only when it is a flexlora run (it carries ``.flexlora-run``, or is an
+older run whose ``run.json`` has flexlora's fields). A resume refuses to start over when the run has
+progressed past its first checkpoint but the checkpoint is gone, and does nothing for a finished run.
 """
 
 from __future__ import annotations
@@ -25,14 +30,17 @@ from typing import Any
 
 import yaml
 
-from flexlora.checkpoint import CHECKPOINT_DIR, load_checkpoint, recover_checkpoint
+from flexlora.checkpoint import CHECKPOINT_DIR, check_shapes, load_checkpoint, recover_checkpoint
 from flexlora.config import SLORA_METHODS, ConfigError, RunConfig, load_config
 from flexlora.core.adapter_io import write_adapter
 from flexlora.core.aggregators import make_aggregator
 from flexlora.core.aggregators.base import exact_factors
+from flexlora.core.errors import AdapterError
+from flexlora.core.output_dirs import RUN_MARKER, OutputError, has_marker, write_marker
 from flexlora.core.privacy import PrivateAggregator
 from flexlora.core.ranks import assign_rank_types, module_ranks
 from flexlora.core.robust import RobustAggregator
+from flexlora.core.safe_load import load_json
 from flexlora.core.validation import UpdateLimits
 from flexlora.data import open_source
 from flexlora.data.splits import seeded_rng, split_clients, split_validation
@@ -47,6 +55,8 @@ __all__ = [
     "build_aggregator",
     "make_plan",
     "write_outputs",
+    "check_run",
+    "is_run_dir",
 ]
 
 log = logging.getLogger("flexlora")
@@ -57,6 +67,7 @@ PACKAGES = ("flexlora", "torch", "transformers", "peft", "flwr", "safetensors", 
 class RunResult:
     run_dir: Path
     metrics: list[dict[str, Any]]
+    note: str | None = None  # e.g. that a resumed run had already finished
 
     @property
     def final(self) -> dict[str, Any]:
@@ -187,6 +198,10 @@ def _execute(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool) -> Run
     model, tokenizer = load_model(cfg.model.name, cfg.model.dtype, cfg.model.device, seed=cfg.federation.seed)
     host = LoraHost(model, cfg.model.target_modules)
     plan = make_plan(cfg, dict(zip(train_ids, types, strict=True)), host.shapes)
+    state = None
+    if resume:  # checked against the model before anything is written
+        state, _ = load_checkpoint(run_dir)
+        check_shapes(state.global_state, host.shapes, run_dir)
     pool = validation_ids if data.eval_on == "validation" else heldout_ids
     eval_ids = pool[: cfg.federation.eval_clients] if cfg.federation.eval_clients else pool
     trained_ids = train_ids[: cfg.federation.eval_trained_clients]
@@ -254,9 +269,7 @@ def _execute(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool) -> Run
         round_retries=cfg.security.round_retries,
     )
     # ---------------------------------------------------------------- run
-    state = None
-    if resume:
-        state, _ = load_checkpoint(run_dir)
+    if state is not None:
         log.info("resuming after round %d", state.round)
     try:
         with tracked(federation, cfg.tracking, run_dir, cfg.to_dict()):
@@ -268,18 +281,54 @@ def _execute(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool) -> Run
     return RunResult(run_dir, state.metrics)
 
 
+def is_run_dir(path: Path) -> bool:
+    """Whether ``path`` is a flexlora run directory: it carries ``.flexlora-run``, or (a run from before the
+    marker) its ``run.json`` is an object with flexlora's ``seed``, ``argv`` and ``packages``."""
+    if has_marker(path, RUN_MARKER):
+        return True
+    try:
+        info = load_json(path / "run.json", max_bytes=2**20)
+    except (OSError, ValueError):
+        return False
+    return isinstance(info, dict) and {"seed", "argv", "packages"} <= set(info)
+
+
+def check_run(cfg: RunConfig) -> None:
+    """Everything about a new run that can fail before it starts: its data source opens and splits, and its
+    model name is known (:func:`flexlora.models.check_model_name`). Writes nothing but the data cache."""
+    from flexlora.models import check_model_name
+
+    data = cfg.data
+    source = open_source(data.path, data.format, **data.options)
+    heldout_arg = {"heldout_ids": data.heldout_ids} if data.heldout_ids else {"num_heldout": data.num_heldout}
+    split_clients(source, seed=cfg.federation.seed, **heldout_arg)
+    check_model_name(cfg.model.name)
+
+
 def run_federation(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> RunResult:
-    """Start a new run in ``cfg.run_dir``.
+    """Start a new run in ``cfg.run_dir``, after :func:`check_run`.
 
     Raises:
         ConfigError: the run directory already holds a run (resume it, or pass ``overwrite``).
+        OutputError: the run directory exists and is not a flexlora run (never replaced).
     """
     run_dir = cfg.run_dir
-    if (run_dir / CHECKPOINT_DIR).exists() and not overwrite:
-        raise ConfigError(f"{run_dir} already holds a run: resume it with --resume {run_dir}, or --overwrite")
-    if overwrite:
-        shutil.rmtree(run_dir, ignore_errors=True)
+    check_run(cfg)
+    if run_dir.is_symlink() or (run_dir.exists() and not run_dir.is_dir()):
+        raise OutputError(f"{run_dir}: exists and is not a run directory")
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        if not is_run_dir(run_dir):
+            raise OutputError(
+                f"{run_dir}: a non-empty directory that is not a flexlora run (no {RUN_MARKER}); choose another "
+                "name or output_dir"
+            )
+        if not overwrite:
+            raise ConfigError(
+                f"{run_dir} already holds a run: resume it with --resume {run_dir}, or --overwrite"
+            )
+        shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    write_marker(run_dir, RUN_MARKER, "flexlora run")
     tmp = run_dir / "config.yaml.tmp"  # written whole or not at all: a resume may start from it
     tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     tmp.replace(run_dir / "config.yaml")
@@ -301,13 +350,31 @@ def run_federation(cfg: RunConfig, overwrite: bool = False, progress: bool = Tru
 def resume_federation(run_dir: str | Path, progress: bool = True) -> RunResult:
     """Continue an interrupted run from its last checkpoint, with the config it was started with. A run killed
     before its first checkpoint starts over from its ``config.yaml``; a save killed midway is repaired first
-    (:func:`flexlora.checkpoint.recover_checkpoint`)."""
+    (:func:`flexlora.checkpoint.recover_checkpoint`); a finished run is returned as it is.
+
+    Raises:
+        ValueError: not a flexlora run; a checkpoint that fails its checks (naming the file); a run that has
+            progressed (``metrics.jsonl``, ``summary.json`` or ``checkpoint/``) but has no ``server.json``.
+    """
     run_dir = Path(run_dir)
-    resume = recover_checkpoint(run_dir) or not (run_dir / "config.yaml").is_file()
+    if not run_dir.is_dir() or not is_run_dir(run_dir):
+        raise OutputError(f"{run_dir}: not a flexlora run directory (no {RUN_MARKER} or run.json)")
+    resume = recover_checkpoint(run_dir)
     if resume:
-        _, raw = load_checkpoint(run_dir)
+        state, raw = load_checkpoint(run_dir)
         cfg = load_config(raw=raw)
+        if state.round >= cfg.federation.rounds and (run_dir / "summary.json").is_file():
+            note = (
+                f"{run_dir} already finished (round {state.round} of {cfg.federation.rounds}); nothing to do"
+            )
+            return RunResult(run_dir, state.metrics, note)
     else:
+        progressed = [n for n in (CHECKPOINT_DIR, "metrics.jsonl", "summary.json") if (run_dir / n).exists()]
+        if progressed:
+            raise AdapterError(
+                f"{run_dir / CHECKPOINT_DIR / 'server.json'}: missing, but the run has progressed (it has "
+                f"{', '.join(progressed)}); refusing to start over. Start a new run with --overwrite"
+            )
         cfg = load_config(run_dir / "config.yaml")
     handler = _setup_logging(run_dir)
     try:

@@ -1,13 +1,15 @@
 """``flexlora aggregate``: combine client adapters (PEFT directories) into global adapters.
 
     flexlora aggregate CLIENT_DIR... --out OUT --rank R [--rank R ...] [--weights N1,N2,...]
-                       [--method flexlora] [--svd auto|dense|factored]
+                       [--method flexlora] [--svd auto|dense|factored] [--overwrite]
 
 Writes one PEFT adapter directory per requested rank, ``OUT/rank-R/`` (each module's rank clipped to
 ``min(d, k)``), plus ``OUT/aggregate.json`` describing the run. ``--weights`` are the clients' example counts
 (default: equal). Output adapters use the clients' ``lora_alpha`` when they agree, otherwise the largest,
 and rsLoRA only if every client uses it. Everything is written to a temporary directory and renamed onto
-``OUT`` at the end, so a refused input leaves ``OUT`` untouched.
+``OUT`` at the end, so a refused input leaves ``OUT`` untouched. ``OUT`` may be new or an empty directory;
+an earlier ``flexlora aggregate`` output (it carries a ``.flexlora-aggregate`` file) is replaced only with
+``--overwrite``; any other directory, a client directory or one that contains a client is refused.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 
 from flexlora.core.adapter_io import atomic_directory, read_adapter, write_adapter
 from flexlora.core.aggregators import AGGREGATORS, make_aggregator
+from flexlora.core.output_dirs import AGGREGATE_MARKER, check_output_dir, write_marker
 from flexlora.core.svd import SVD_ROUTES
 
 __all__ = ["add_parser", "run"]
@@ -32,6 +35,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weights", type=_weights, help="comma-separated example counts, one per client")
     p.add_argument("--method", default="flexlora", choices=sorted([*AGGREGATORS, "fedit"]))
     p.add_argument("--svd", default="auto", choices=SVD_ROUTES, help="SVD route (flexlora and raflora)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier flexlora aggregate output")
     p.set_defaults(func=run)
 
 
@@ -53,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--weights has {len(weights)} values for {len(args.clients)} client directories")
     if any(r <= 0 for r in args.rank):
         raise ValueError(f"--rank must be positive, got {args.rank}")
+    out = check_output_dir(args.out, AGGREGATE_MARKER, args.overwrite, inputs=args.clients)
     t0 = time.perf_counter()
     read = [read_adapter(path, num_examples=n) for path, n in zip(args.clients, weights, strict=True)]
     updates, configs = [u for u, _ in read], [c for _, c in read]
@@ -64,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
     t1 = time.perf_counter()
     state = aggregator.aggregate(updates)
     t2 = time.perf_counter()
-    with atomic_directory(args.out) as tmp:
+    with atomic_directory(out) as tmp:
+        write_marker(tmp, AGGREGATE_MARKER, "flexlora aggregate")
         for rank in dict.fromkeys(args.rank):
             ranks = {name: min(rank, *lr.shape) for name, lr in state.modules.items()}
             factors = aggregator.payload(state, ranks, alpha, use_rslora)

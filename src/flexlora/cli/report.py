@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--last must be >= 1, got {args.last}")
     missing = [str(p) for p in args.runs if not p.is_dir()]
     if missing:
-        raise FileNotFoundError(f"not a directory: {', '.join(missing)}")
+        raise ValueError(f"not a directory: {', '.join(missing)}")
     out = args.out or args.runs[0] / "report"
     with reporting(Progress([("reading runs", None)], unit="run", enabled=not args.no_progress)):
         report = build_report(

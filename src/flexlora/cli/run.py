@@ -42,6 +42,8 @@ def run(args: argparse.Namespace) -> int:
         overrides = args.overrides + ([f"federation.engine={args.engine}"] if args.engine else [])
         cfg = load_config(args.config, overrides)
         result = run_federation(cfg, overwrite=args.overwrite, progress=not args.no_progress)
+    if result.note:
+        print(result.note)
     print(f"final: {round_summary(result.final)}")
     print(f"outputs: {result.run_dir} (metrics.jsonl, adapters/, checkpoint/)")
     return 0

@@ -7,3 +7,7 @@ class AdapterError(ValueError):
 
 class AggregationError(ValueError):
     """Client updates cannot be combined by the chosen method (e.g. FedAvg over different ranks)."""
+
+
+class EnvironmentFailure(RuntimeError):
+    """The machine, not the input, is at fault (a model package missing, an unusable cache); exit code 1."""

@@ -13,16 +13,17 @@ import gzip
 import hashlib
 import json
 import os
-import shutil
 import tempfile
+import zlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["INDEX_VERSION", "cache_root", "SourceCache", "is_gzip", "plain_copy"]
+__all__ = ["INDEX_VERSION", "cache_root", "SourceCache", "is_gzip", "open_gzip", "gzip_errors", "plain_copy"]
 
 INDEX_VERSION = 1  # bump when an index's layout changes: old entries are then ignored
+MAX_PLAIN_BYTES = 16 * 2**30  # a decompressed copy larger than this is refused (a gzip bomb)
 
 
 def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
@@ -62,7 +63,7 @@ class SourceCache:
         try:
             with open(self.path(".index.json"), encoding="utf-8") as f:
                 return json.load(f)
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             return None
 
     def write_json(self, value: Any) -> None:
@@ -91,6 +92,19 @@ def is_gzip(path: Path) -> bool:
         return f.read(2) == b"\x1f\x8b"
 
 
+def open_gzip(path: Path) -> IO[bytes]:
+    return gzip.open(path, "rb")
+
+
+@contextmanager
+def gzip_errors(path: Path) -> Iterator[None]:
+    """Turn a truncated or corrupt gzip stream (bad CRC, bad data, early end) into one ``ValueError``."""
+    try:
+        yield
+    except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+        raise ValueError(f"{path}: corrupt or truncated gzip file ({e or type(e).__name__})") from None
+
+
 def plain_copy(path: Path, cache_dir: str | os.PathLike[str] | None = None) -> Path:
     """A seekable, uncompressed version of ``path``: the file itself, or for gzip a decompressed copy in
     the cache (made on first use; about 1.5 s per 100 MB of output)."""
@@ -99,6 +113,11 @@ def plain_copy(path: Path, cache_dir: str | os.PathLike[str] | None = None) -> P
     cache = SourceCache("plain", [path], cache_dir)
     target = cache.path(".jsonl")
     if not target.exists():
-        with gzip.open(path, "rb") as src, cache.writer(".jsonl") as dst:
-            shutil.copyfileobj(src, dst, length=1 << 20)
+        with gzip_errors(path), open_gzip(path) as src, cache.writer(".jsonl") as dst:
+            written = 0
+            while chunk := src.read(1 << 20):
+                written += len(chunk)
+                if written > MAX_PLAIN_BYTES:
+                    raise ValueError(f"{path}: decompresses to more than {MAX_PLAIN_BYTES} bytes")
+                dst.write(chunk)
     return target

@@ -84,6 +84,15 @@ def _build_index(data_path: Path, source_path: Path) -> list[list[Any]]:
             raise ValueError(
                 f"{source_path}:{lineno}: NI JSONL record lacks {missing} (has {sorted(record)})"
             )
+        bad = [k for k in ("task", "category", "definition") if not isinstance(record[k], str)]
+        bad += [k for k in SPLITS if not isinstance(record[k], list)]
+        if not isinstance(record["client_id"], str | int) or isinstance(record["client_id"], bool):
+            bad.insert(0, "client_id")
+        if bad:
+            raise ValueError(
+                f"{source_path}:{lineno}: field(s) {bad} have the wrong type (client_id: string or integer, "
+                "task, category, definition: strings, train, eval, test: lists)"
+            )
         client_id = str(record["client_id"])
         if client_id in seen:
             raise ValueError(f"{source_path}:{lineno}: client_id {client_id!r} appears twice")

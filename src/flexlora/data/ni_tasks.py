@@ -13,13 +13,13 @@ the directory's task files; ``load`` reads only that task's file.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from flexlora.core.safe_load import load_json
 from flexlora.data.base import DEFAULT_CACHE_SIZE, ClientSource
 from flexlora.data.cache import SourceCache
 from flexlora.data.checks import require_number
@@ -93,8 +93,7 @@ class NITasksSource(ClientSource):
 
 
 def _load_task(file: Path) -> dict[str, Any]:
-    with open(file, encoding="utf-8") as f:
-        task = json.load(f)
+    task = load_json(file)
     if not isinstance(task, dict):
         raise ValueError(f"{file}: expected a JSON object with Definition, Categories and Instances")
     checks = {

@@ -12,12 +12,12 @@ the directory's files (names, sizes, mtimes); ``load`` reads only that client's 
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
 from typing import Any
 
+from flexlora.core.safe_load import load_json
 from flexlora.data.base import DEFAULT_CACHE_SIZE, ClientSource
 from flexlora.data.cache import SourceCache
 from flexlora.data.examples import ClientData, ClientInfo, Example
@@ -77,8 +77,7 @@ class PaperLayoutSource(ClientSource):
         file = self._file(split, client_id)
         if split != "train" and not file.exists():
             return []
-        with open(file, encoding="utf-8") as f:
-            records = json.load(f)
+        records = load_json(file)
         if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
             raise ValueError(f"{file}: expected a JSON array of {{instruction, input, output, category}}")
         return records

@@ -22,6 +22,9 @@ from flexlora.data.splits import DEFAULT_FRACTIONS, check_fractions, seeded_rng,
 
 __all__ = ["SyntheticSource", "SyntheticTask", "KINDS", "make_task"]
 
+MAX_CLIENTS = 100_000  # bounds the work a config can ask for
+MAX_EXAMPLES_PER_CLIENT = 1_000_000
+
 WORDS = (
     "cat dog sun red blue tree fish bird milk book cup hat pen box car bus egg map key lamp "
     "rain snow moon star ship road door bell cake corn frog lion wolf bear king rose sand salt"
@@ -267,8 +270,8 @@ class SyntheticSource(ClientSource):
         fractions: Sequence[float] = DEFAULT_FRACTIONS,
         cache_size: int = DEFAULT_CACHE_SIZE,
     ):
-        require_int("num_clients", num_clients, 1)
-        require_int("examples_per_client", examples_per_client, 1)
+        require_int("num_clients", num_clients, 1, MAX_CLIENTS)
+        require_int("examples_per_client", examples_per_client, 1, MAX_EXAMPLES_PER_CLIENT)
         self.seed = seed
         self.examples_per_client = examples_per_client
         self.fractions = check_fractions(fractions)
