@@ -486,3 +486,54 @@ def test_update_from_reply_refuses_hostile_example_counts():
     for n in (0, -1, 10**12, 2.5):
         with pytest.raises(ReplyError, match="num-examples"):
             update_from_reply(_reply(**{"metrics.num-examples": n}), record_factors(3), "c1", node=7)
+
+
+# ------------------------------------------------------------------------------ the CLI, end to end
+CLI_CASES = {
+    "aggregate, backtracking key": (
+        ["aggregate", "{a}", "{b}", "--out", "{out}", "--rank", "2"],
+        "(.*)*zz",
+        0,
+    ),
+    "aggregate, alpha 0": (["aggregate", "{a}", "{b}", "--out", "{out}", "--rank", "2"], "alpha 0", 2),
+    "evaluate --adapter, backreference key": (
+        ["evaluate", "--data", "synthetic", "--model", "tiny", "--adapter", "{a}", "--no-generate"],
+        r"(q)\1",
+        2,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CLI_CASES))
+def test_cli_reads_hostile_adapters_in_bounded_time(case, tmp_path):
+    import subprocess
+    import sys
+
+    args, twist, code = CLI_CASES[case]
+    for name in ("a", "b"):
+        write_adapter(tmp_path / name, factors(2, seed=ord(name)))
+    cfg = json.loads((tmp_path / "a" / CONFIG_NAME).read_text())
+    if twist == "alpha 0":
+        cfg["lora_alpha"] = 0
+    else:
+        cfg["rank_pattern"] = {twist: 5}
+    (tmp_path / "a" / CONFIG_NAME).write_text(json.dumps(cfg))
+    before = tree_hashes(tmp_path)
+    paths = {"a": tmp_path / "a", "b": tmp_path / "b", "out": tmp_path / "out"}
+    start = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-m", "flexlora.cli", *(arg.format(**paths) for arg in args)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")},
+    )
+    TIMES[f"cli: {case}"] = time.perf_counter() - start
+    assert done.returncode == code, done.stderr
+    if code:
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("flexlora: error: "), done.stderr
+        assert "Traceback" not in done.stderr
+        assert tree_hashes(tmp_path) == before
+    else:  # the key matches nothing: read as PEFT reads it, at rank 2
+        assert read_adapter(tmp_path / "out" / "rank-2")[0].modules
