@@ -537,3 +537,30 @@ def test_cli_reads_hostile_adapters_in_bounded_time(case, tmp_path):
         assert tree_hashes(tmp_path) == before
     else:  # the key matches nothing: read as PEFT reads it, at rank 2
         assert read_adapter(tmp_path / "out" / "rank-2")[0].modules
+
+
+BAD_DECLARATIONS = {
+    "path in rank type": (
+        {"lora-rank-type": "../../etc", "lora-rank-attn": 4, "lora-rank-mlp": 4},
+        "lora-rank-type",
+    ),
+    "unknown rank type": ({"lora-rank-type": "huge"}, "lora-rank-type"),
+    "rank type not a string": ({"lora-rank-type": 8}, "lora-rank-type"),
+    "ranks disagree": ({"lora-rank-type": "r8", "lora-rank-attn": 200}, "lora-rank-attn"),
+    "4,400-digit rank": ({"lora-rank-type": "9" * 4400}, "lora-rank-type"),
+    "client id not a string": ({"client-id": 7}, "client-id"),
+    "client id with a newline": ({"client-id": "7\nERROR fake log line"}, "client-id"),
+    "client id of 1 MB": ({"client-id": "x" * 2**20}, "client-id"),
+    "partition id a string": ({"partition-id": "3"}, "partition-id"),
+    "partition id huge": ({"partition-id": 2**62}, "partition-id"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_DECLARATIONS))
+def test_hostile_node_declaration_is_a_reply_error(case):
+    from flexlora.engines.flower.records import NodeDeclaration
+
+    fields, needle = BAD_DECLARATIONS[case]
+    with pytest.raises(ReplyError) as info:
+        timed(f"declaration: {case}", lambda: NodeDeclaration.from_record(ConfigRecord(fields), node=4))
+    one_line(info.value, "node 4: ", needle)

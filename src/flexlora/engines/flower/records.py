@@ -154,7 +154,9 @@ def decode_array(
         read_header = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
         shape, fortran, dtype = read_header(fp, max_header_size=_MAX_NPY_HEADER)
     except Exception as exc:  # numpy's header parser raises many kinds (tokenize.TokenError too); all refuse
-        raise ReplyError(node, field, f"cannot be decoded as a plain .npy array ({' '.join(str(exc).split())[:120]})") from None
+        raise ReplyError(
+            node, field, f"cannot be decoded as a plain .npy array ({' '.join(str(exc).split())[:120]})"
+        ) from None
     if dtype.hasobject or dtype.type not in _FLOAT_DTYPES:
         raise ReplyError(node, field, f"has non-float dtype {str(dtype)[:40]} (float16/32/64 only)")
     if dtype.byteorder == ">":
@@ -388,18 +390,33 @@ class NodeDeclaration:
 
     @classmethod
     def from_record(cls, record: ConfigRecord, node: int | str = "?") -> NodeDeclaration:
-        """Raises: ReplyError if the declared rank type is malformed."""
+        """Read a node's answer to the query; the rank type must be one :func:`parse_rank_type` knows (its
+        ``attn`` / ``mlp`` fields, if set, must agree), the client id a short printable string.
+
+        Raises:
+            ReplyError: naming the field, for anything else.
+        """
         rank_type = None
-        if name := str(record.get("lora-rank-type", "")):
-            attn, mlp = int(record.get("lora-rank-attn", 0)), int(record.get("lora-rank-mlp", 0))
+        name = record.get("lora-rank-type", "")
+        if not isinstance(name, str) or len(name) > 64:
+            raise ReplyError(node, "node[lora-rank-type]", f"must be a short string, got {str(name)[:64]!r}")
+        if name:
             try:
-                rank_type = parse_rank_type(name) if attn <= 0 else RankType(name, attn, mlp)
+                rank_type = parse_rank_type(name)
             except ValueError as exc:
                 raise ReplyError(node, "node[lora-rank-type]", str(exc)) from None
-            if rank_type.attn <= 0 or rank_type.mlp <= 0:
-                raise ReplyError(node, "node[lora-rank-type]", f"ranks must be positive, got {rank_type}")
-        pid = int(record.get("partition-id", -1))
-        return cls(rank_type, str(record.get("client-id", "")) or None, pid if pid >= 0 else None)
+            for key, want in (("lora-rank-attn", rank_type.attn), ("lora-rank-mlp", rank_type.mlp)):
+                if record.get(key, 0) not in (0, want):
+                    raise ReplyError(node, f"node[{key}]", f"{record.get(key)!r} disagrees with {name!r}")
+        client_id = record.get("client-id", "")
+        if not isinstance(client_id, str) or len(client_id) > 256 or not client_id.isprintable():
+            raise ReplyError(
+                node, "node[client-id]", f"must be a printable string, got {str(client_id)[:64]!r}"
+            )
+        pid = record.get("partition-id", -1)
+        if not isinstance(pid, int) or isinstance(pid, bool) or not -1 <= pid < 2**31:
+            raise ReplyError(node, "node[partition-id]", f"must be an integer >= -1, got {pid!r}")
+        return cls(rank_type, client_id or None, pid if pid >= 0 else None)
 
 
 def node_declaration(node_config: Mapping[str, object]) -> NodeDeclaration:
