@@ -474,9 +474,12 @@ def test_inf_train_loss_never_reaches_the_round_metrics():
     assert metrics["num-results"] == 2 and metrics["train_loss"] == pytest.approx(1.0)
 
 
-def test_strategy_norm_bound_is_validated():
+def test_strategy_norm_bound_and_alpha_are_validated():
     with pytest.raises(ValueError, match="norm_bound"):
         FlexLoRAStrategy(shapes=SHAPES, norm_bound=float("inf"))
+    for alpha in (0.0, -1.0, 5e-324, float("nan"), 1e308):
+        with pytest.raises(ValueError, match="alpha"):
+            FlexLoRAStrategy(shapes=SHAPES, alpha=alpha)
 
 
 def test_update_from_reply_refuses_hostile_example_counts():

@@ -33,7 +33,7 @@ from flwr.serverapp.strategy import Strategy
 
 from flexlora.checkpoint import ServerState
 from flexlora.core.aggregators import GlobalState, make_aggregator
-from flexlora.core.lora import LoraUpdate
+from flexlora.core.lora import LoraUpdate, alpha_problem
 from flexlora.core.ranks import module_ranks
 from flexlora.core.validation import UpdateLimits, UpdateRejected, check_update
 from flexlora.engines.flower.nodes import NodeBook, wait_for_nodes
@@ -101,6 +101,8 @@ class FlexLoRAStrategy(Strategy):
     ) -> None:
         if not 0.0 <= fraction_train <= 1.0 or not 0.0 <= fraction_evaluate <= 1.0:
             raise ValueError(f"fractions must be in [0, 1], got {fraction_train}, {fraction_evaluate}")
+        if problem := alpha_problem(alpha):
+            raise ValueError(f"alpha {problem}")
         self.aggregator = make_aggregator(method, **dict(method_options or {}))
         self.method = method
         self.shapes = {name: (int(d), int(k)) for name, (d, k) in shapes.items()}
