@@ -36,7 +36,7 @@ from flexlora.engines.flower.records import ReplyError, decode_array, finite_met
 from flexlora.engines.flower.strategy import _weighted
 from test_flower_fakes import FakeGrid, trainer
 
-MAX_SECONDS = 2.0  # per in-process case, on a loaded 2-core box; the measured worst is printed by the report
+MAX_SECONDS = 5.0  # per in-process case, generous for a loaded 2-core box (the worst measured: 0.17 s)
 TIMES: dict[str, float] = {}
 MODULES = {"model.layers.0.self_attn.q_proj": (8, 6), "model.layers.0.mlp.up_proj": (10, 6)}
 
