@@ -567,3 +567,24 @@ def test_hostile_node_declaration_is_a_reply_error(case):
     with pytest.raises(ReplyError) as info:
         timed(f"declaration: {case}", lambda: NodeDeclaration.from_record(ConfigRecord(fields), node=4))
     one_line(info.value, "node 4: ", needle)
+
+
+def test_a_node_cannot_take_over_another_nodes_client_id(caplog):
+    from flexlora.engines.flower.engine import FlowerEngine
+
+    grid = FakeGrid(
+        {1: trainer({"lora-rank": 4, "client-id": "0"}), 2: trainer({"lora-rank": 8, "client-id": "1"})}
+    )
+    engine = FlowerEngine(grid, "deployment", poll_interval=0.01)
+    assert set(engine.roster()) == {"0", "1"}
+    grid.handlers[3] = trainer({"lora-rank": 8, "client-id": "0"})  # joins later, claims node 1's client
+    assert engine.book.query(grid, [1, 2, 3]) == [1, 2]
+    assert "node 3: node[client-id]: '0' is node 1's client" in caplog.text
+    # the strategy: two nodes declaring one client in the same query, only the first trains as it
+    same = FakeGrid(
+        {5: trainer({"lora-rank": 2, "client-id": "x"}), 6: trainer({"lora-rank": 2, "client-id": "x"})}
+    )
+    strategy = FlexLoRAStrategy(shapes=SHAPES, min_train_nodes=2, seed=1)
+    messages = list(strategy.configure_train(1, ArrayRecord(), ConfigRecord(), same))
+    assert [m.metadata.dst_node_id for m in messages] == [5]
+    assert "node 6 declares client-id 'x', node 5's; left out" in caplog.text

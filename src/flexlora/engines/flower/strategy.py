@@ -148,7 +148,18 @@ class FlexLoRAStrategy(Strategy):
         rng = random.Random(derive_seed(self.seed, what, server_round))
         sampled = sorted(rng.sample(nodes, size))
         log.info("%s: sampled %d nodes (out of %d)", what, len(sampled), len(nodes))
-        return self.book.query(grid, sampled, server_round)
+        known = self.book.query(grid, sampled, server_round)
+        return [n for n in known if self._holds_its_client(n)]
+
+    def _holds_its_client(self, node: int) -> bool:
+        """A node trains as its declared client only if it is that client's first declarer."""
+        client = self.book.client_id(node)
+        if client is None or self.book.owner(client) == node:
+            return True
+        log.warning(
+            "node %d declares client-id %r, node %d's; left out", node, client, self.book.owner(client)
+        )
+        return False
 
     def _label(self, node: int) -> str:
         """The client a node trains as: its declared ``client-id``, else ``node-<id>``."""
