@@ -6,6 +6,11 @@ in the fixture's teardown. Waits are bounded.
 
 The one federation covers both requirements: in round 1 each node trains at its own declared rank; then
 node B is killed (SIGKILL, as a crash) and round 2 goes on without it, with the reason recorded.
+
+A second federation runs the secured recipe of docs/deployment.md: TLS with a CA and a server certificate made
+by the test (:mod:`flower_pki`), SuperNode authentication with the two nodes' public keys registered by
+``flwr supernode register``, and an intruder whose key is not registered and who claims node A's client id:
+the SuperLink refuses it, and node A's client trains on node A's registered node id.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from pathlib import Path
 import pytest
 
 from flexlora.core.adapter_io import read_adapter
+from flower_pki import make_node_key, make_tls
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -91,14 +97,18 @@ class Cluster:
         return "\n".join(f"---- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(self.home.glob("*.log")))
 
 
+def _config_toml(home: Path, link: int, security: str) -> None:
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\naddress = "127.0.0.1:{link}"\n{security}\n'
+    )
+
+
 @pytest.fixture
 def cluster(tmp_path):
     home = tmp_path / "flwr-home"
     home.mkdir()
     link = free_port()
-    (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\naddress = "127.0.0.1:{link}"\ninsecure = true\n'
-    )
+    _config_toml(home, link, "insecure = true")
     c = Cluster(home)
     try:
         c.start(
@@ -112,6 +122,44 @@ def cluster(tmp_path):
         ):
             c.start(
                 name, "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link}",
+                "--host", "127.0.0.1", "--port", str(free_port()), "--node-config", node_config,
+            )  # fmt: skip
+        yield c
+    finally:
+        c.stop_all()
+
+
+@pytest.fixture
+def secure_cluster(tmp_path):
+    """TLS + SuperNode authentication: nodes A and B registered, an intruder not (it claims client 0)."""
+    home, pki = tmp_path / "flwr-home", tmp_path / "pki"
+    home.mkdir()
+    tls = make_tls(pki)
+    link = free_port()
+    _config_toml(home, link, f'root-certificates = "{tls["ca"]}"')
+    c = Cluster(home)
+    c.node_ids = {}
+    try:
+        c.start(
+            "superlink", "flower-superlink", "--host", "127.0.0.1", "--port", str(link),
+            "--disable-runtime-dependency-installation", "--ssl-ca-certfile", str(tls["ca"]),
+            "--ssl-certfile", str(tls["cert"]), "--ssl-keyfile", str(tls["key"]), "--enable-supernode-auth",
+        )  # fmt: skip
+        wait_for(lambda: _accepts(link), 60, "the SuperLink did not listen")
+        nodes = (("node-a", 'lora-rank=4 client-id="0"'), ("node-b", 'lora-rank=8 client-id="1"'))
+        for name, _ in nodes:
+            public = make_node_key(pki / name)
+            done = subprocess.run(
+                [str(BIN / "flwr"), "supernode", "register", str(public), "loopback", "--format", "json"],
+                env=c.env, cwd=home, capture_output=True, text=True, timeout=120,
+            )  # fmt: skip
+            assert done.returncode == 0, done.stdout + done.stderr
+            c.node_ids[name] = int(json.loads(done.stdout)["node-id"])
+        make_node_key(pki / "intruder")  # never registered
+        for name, node_config in (*nodes, ("intruder", 'lora-rank=8 client-id="0"')):
+            c.start(
+                name, "flower-supernode", "--superlink", f"127.0.0.1:{link}", "--root-certificates",
+                str(tls["ca"]), "--auth-supernode-private-key", str(pki / name),
                 "--host", "127.0.0.1", "--port", str(free_port()), "--node-config", node_config,
             )  # fmt: skip
         yield c
@@ -201,3 +249,46 @@ def test_deployment_on_loopback_with_a_node_killed_mid_run(cluster, tmp_path):
     assert update.modules and all(f.rank <= 4 + 8 for f in update.modules.values())
     assert {p.name for p in (run_dir / "adapters").iterdir()} == {"full", "r4", "r8"}
     assert json.loads((run_dir / "assignment.json").read_text()) == {"0": "r4", "1": "r8"}
+
+
+def test_deployment_with_tls_and_supernode_auth_refuses_an_unregistered_node(secure_cluster, tmp_path):
+    cluster = secure_cluster
+    # the intruder is refused at activation and its SuperNode exits; nothing else is needed from it
+    try:
+        code = cluster.procs["intruder"].wait(timeout=180)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"the unregistered SuperNode was not refused\n{cluster.logs()}") from None
+    assert code != 0
+    assert "No SuperNode found with the given public key" in (cluster.home / "superlink.log").read_text()
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(
+        "data: {path: synthetic, options: {num_clients: 6, examples_per_client: 12, seed: 0}, num_heldout: 2}\n"
+        "train: {batch_size: 4, max_length: 48}\n"
+        "eval: {generate: false, max_examples_per_client: 2}\n"
+    )
+    out = tmp_path / "runs"
+    run_config = (
+        f'num-server-rounds=1 model="tiny" method="flexlora" placement="deployment" clients-per-round=2 '
+        f'local-steps=1 config-file="{config}" output-dir="{out}" run-name="tls" min-nodes=2 '
+        "round-timeout=150.0 wait-timeout=120.0"
+    )
+    started = subprocess.run(
+        [str(BIN / "flwr"), "run", str(REPO), "loopback", "--run-config", run_config],
+        env=cluster.env, cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert started.returncode == 0, started.stdout + started.stderr
+    run_dir = out / "tls"
+    try:
+        wait_for(lambda: (run_dir / "summary.json").exists(), 300, "the federation did not finish")
+    except TimeoutError as exc:
+        raise AssertionError(f"{exc}\n{cluster.logs()}") from None
+    # only the registered nodes took part, each as the client it declared, on its registered node id
+    assert json.loads((run_dir / "assignment.json").read_text()) == {"0": "r4", "1": "r8"}
+    jobs = {
+        job["client"]: job for job in json.loads((run_dir / "flower.json").read_text())["rounds"][0]["jobs"]
+    }
+    assert jobs["0"]["node"] == cluster.node_ids["node-a"] and jobs["0"]["trained_ranks"] == [4]
+    assert jobs["1"]["node"] == cluster.node_ids["node-b"] and jobs["1"]["trained_ranks"] == [8]
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["round"] == 1 and metrics[-1]["received"] == 2 and metrics[-1]["failures"] == {}

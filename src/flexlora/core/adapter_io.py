@@ -1,7 +1,10 @@
 """PEFT adapter directories in and out: ``adapter_config.json`` + ``adapter_model.safetensors``.
 
 Reading honours ``r``, ``lora_alpha``, ``rank_pattern``, ``alpha_pattern``, ``use_rslora`` and
-``target_modules``, and checks every tensor (see :mod:`flexlora.core.safetensors_io`). Writing puts each
+``target_modules``, and checks every tensor (see :mod:`flexlora.core.safetensors_io`). The config is
+untrusted: at most :data:`MAX_CONFIG_BYTES`, ranks >= 1, alphas finite and in
+:data:`~flexlora.core.lora.ALPHA_RANGE`, and pattern keys matched without backtracking
+(:mod:`flexlora.core.patterns`, keys outside its syntax are refused). Writing puts each
 module's rank and alpha into ``rank_pattern`` / ``alpha_pattern`` with ``^``-anchored, escaped,
 fully-qualified keys (PEFT matches a pattern key ``K`` against a module name with
 ``re.match(rf"(.*\\.)?({K})$", name)`` and takes the first match), and lists every module by its full name
@@ -14,7 +17,6 @@ Module names are paths in the base model (``model.layers.0.self_attn.q_proj``); 
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import shutil
@@ -27,7 +29,8 @@ from pathlib import Path
 import torch
 
 from flexlora.core.errors import AdapterError
-from flexlora.core.lora import LoraFactors, LoraUpdate
+from flexlora.core.lora import LoraFactors, LoraUpdate, alpha_problem
+from flexlora.core.patterns import PatternError, compile_key, key_matches
 from flexlora.core.safetensors_io import read_safetensors, write_safetensors
 
 __all__ = ["AdapterConfig", "read_adapter", "write_adapter", "pattern_value", "atomic_directory"]
@@ -36,6 +39,10 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAMES = ("adapter_model.bin", "pytorch_model.bin")
 _PREFIX = "base_model.model."
+#: adapter_config.json larger than this is refused before parsing (ours: ~200 bytes per module).
+MAX_CONFIG_BYTES = 8 * 2**20
+#: total automaton states of the pattern keys of one config that need the NFA (repeats, alternation).
+MAX_PATTERN_STATES = 20_000
 _KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
 
 
@@ -59,9 +66,10 @@ class AdapterConfig:
 
 
 def pattern_value(pattern: Mapping[str, float], module: str, default: float) -> float:
-    """PEFT's lookup: the first key ``K`` with ``re.match(rf"(.*\\.)?({K})$", module)``, else ``default``."""
+    """PEFT's lookup: the first key ``K`` with ``re.match(rf"(.*\\.)?({K})$", module)``, else ``default``
+    (matched in linear time by :func:`flexlora.core.patterns.key_matches`)."""
     for key, value in pattern.items():
-        if re.match(rf"(.*\.)?({key})$", module):
+        if key_matches(key, module):
             return value
     return default
 
@@ -70,6 +78,8 @@ def _read_config(path: Path) -> AdapterConfig:
     cfg_path = path / CONFIG_NAME
     if not cfg_path.is_file():
         raise AdapterError(f"{path}: missing {CONFIG_NAME}")
+    if (size := cfg_path.stat().st_size) > MAX_CONFIG_BYTES:
+        raise AdapterError(f"{cfg_path}: {size} bytes, more than the {MAX_CONFIG_BYTES} accepted")
     try:
         raw = json.loads(cfg_path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
@@ -79,32 +89,46 @@ def _read_config(path: Path) -> AdapterConfig:
     if raw.get("peft_type", "LORA") != "LORA":
         raise AdapterError(f"{cfg_path}: peft_type {raw.get('peft_type')!r} is not LORA")
     r, alpha = raw.get("r", 8), raw.get("lora_alpha", 8)
-    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+    if not _positive_int(r):
         raise AdapterError(f"{cfg_path}: field 'r' must be a positive integer, got {r!r}")
-    if _number(alpha) is None:
-        raise AdapterError(f"{cfg_path}: field 'lora_alpha' must be a number, got {alpha!r}")
-    for name in ("rank_pattern", "alpha_pattern"):
-        if not isinstance(raw.get(name) or {}, dict):
-            raise AdapterError(f"{cfg_path}: field {name!r} must be an object")
-        for key, value in (raw.get(name) or {}).items():
-            if _number(value) is None or (
-                name == "rank_pattern" and (not isinstance(value, int) or value <= 0)
-            ):
-                kind = "a positive integer" if name == "rank_pattern" else "a number"
-                raise AdapterError(f"{cfg_path}: {name}[{key!r}] must be {kind}, got {value!r}")
-            try:
-                re.compile(rf"(.*\.)?({key})$")  # as pattern_value uses it
-            except (re.error, RecursionError, OverflowError, TypeError):
-                raise AdapterError(f"{cfg_path}: {name} key {key!r} is not a valid pattern") from None
+    if problem := alpha_problem(alpha):
+        raise AdapterError(f"{cfg_path}: field 'lora_alpha' {problem}")
+    patterns = {name: _read_pattern(cfg_path, raw, name) for name in ("rank_pattern", "alpha_pattern")}
+    states = sum(compile_key(k).states for p in patterns.values() for k in p)
+    if states > MAX_PATTERN_STATES:
+        raise AdapterError(
+            f"{cfg_path}: pattern keys need {states} automaton states, more than {MAX_PATTERN_STATES}"
+        )
     return AdapterConfig(
         r=r,
         lora_alpha=float(alpha),
-        rank_pattern=dict(raw.get("rank_pattern") or {}),
-        alpha_pattern=dict(raw.get("alpha_pattern") or {}),
+        rank_pattern=patterns["rank_pattern"],
+        alpha_pattern=patterns["alpha_pattern"],
         use_rslora=bool(raw.get("use_rslora", False)),
         target_modules=raw.get("target_modules"),
         base_model_name_or_path=raw.get("base_model_name_or_path"),
     )
+
+
+def _read_pattern(cfg_path: Path, raw: dict, name: str) -> dict:
+    """``rank_pattern`` (values ranks >= 1) or ``alpha_pattern`` (values usable alphas), keys checked."""
+    pattern = raw.get(name) or {}
+    if not isinstance(pattern, dict):
+        raise AdapterError(f"{cfg_path}: field {name!r} must be an object")
+    for key, value in pattern.items():
+        if name == "rank_pattern" and not _positive_int(value):
+            raise AdapterError(f"{cfg_path}: {name}[{key!r}] must be a positive integer, got {value!r}")
+        if name == "alpha_pattern" and (problem := alpha_problem(value)):
+            raise AdapterError(f"{cfg_path}: {name}[{key!r}] {problem}")
+        try:
+            compile_key(key)
+        except PatternError as exc:
+            raise AdapterError(f"{cfg_path}: {name} key {key[:80]!r} is refused: {exc}") from None
+    return dict(pattern)
+
+
+def _positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def read_adapter(path: str | os.PathLike, num_examples: int = 1) -> tuple[LoraUpdate, AdapterConfig]:
@@ -138,6 +162,8 @@ def read_adapter(path: str | os.PathLike, num_examples: int = 1) -> tuple[LoraUp
             )
         if tensor.ndim != 2:
             raise AdapterError(f"{path}: tensor {key!r} has {tensor.ndim} dimensions, expected 2")
+        if 0 in tensor.shape:
+            raise AdapterError(f"{path}: tensor {key!r} has an empty shape {tuple(tensor.shape)}")
         if not torch.isfinite(tensor).all():
             raise AdapterError(f"{path}: tensor {key!r} has NaN or Inf values")
         parts.setdefault(m["module"], {})[m["part"]] = tensor
@@ -161,17 +187,6 @@ def read_adapter(path: str | os.PathLike, num_examples: int = 1) -> tuple[LoraUp
     return LoraUpdate(modules, num_examples=num_examples, client_id=str(path)), config
 
 
-def _number(value: object) -> float | None:
-    """``value`` as a finite float, or ``None`` (for bools, non-numbers, inf, nan and ints beyond float)."""
-    if not isinstance(value, int | float) or isinstance(value, bool):
-        return None
-    try:
-        x = float(value)
-    except OverflowError:
-        return None
-    return x if math.isfinite(x) else None
-
-
 def _most_common(values: list) -> object:
     counts = Counter(values)
     return max(counts, key=lambda v: (counts[v], v))
@@ -183,13 +198,17 @@ def write_adapter(
     """Write ``factors`` as a PEFT LoRA adapter directory that ``PeftModel.from_pretrained`` loads.
 
     The most common rank and alpha become ``r`` / ``lora_alpha``; every other module is listed in
-    ``rank_pattern`` / ``alpha_pattern``. Written to a temporary directory and renamed into place.
+    ``rank_pattern`` / ``alpha_pattern``. A module of rank 0 (an exactly zero update) is written as rank 1
+    with zero factors, the same update in a form PEFT and :func:`read_adapter` accept. Written to a
+    temporary directory and renamed into place.
 
     Raises:
-        AdapterError: if ``factors`` is empty or mixes rsLoRA and plain scaling.
+        AdapterError: if ``factors`` is empty, mixes rsLoRA and plain scaling, or a module has an unusable
+            alpha, an empty base dimension, or NaN/Inf values (nothing is written).
     """
     if not factors:
         raise AdapterError(f"{path}: no modules to write")
+    factors = {name: _writable(path, name, f) for name, f in factors.items()}
     rslora = {f.use_rslora for f in factors.values()}
     if len(rslora) > 1:
         raise AdapterError(f"{path}: modules mix use_rslora True and False; PEFT has one flag per adapter")
@@ -220,6 +239,20 @@ def write_adapter(
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
         write_safetensors(tmp / WEIGHTS_NAME, tensors, metadata={"format": "pt"})
     return Path(path)
+
+
+def _writable(path: str | os.PathLike, name: str, f: LoraFactors) -> LoraFactors:
+    """``f`` checked for writing; rank 0 becomes rank 1 with zero factors (the same, zero, update)."""
+    if problem := alpha_problem(f.alpha):
+        raise AdapterError(f"{path}: module {name!r}: lora_alpha {problem}")
+    (d, _), (_, k) = f.B.shape, f.A.shape
+    if d == 0 or k == 0:
+        raise AdapterError(f"{path}: module {name!r}: empty base shape ({d}, {k})")
+    if not (torch.isfinite(f.A).all() and torch.isfinite(f.B).all()):
+        raise AdapterError(f"{path}: module {name!r}: factors have NaN or Inf values")
+    if f.rank == 0:
+        return LoraFactors(f.A.new_zeros(1, k), f.B.new_zeros(d, 1), f.alpha, f.use_rslora)
+    return f
 
 
 def _anchored(module: str) -> str:

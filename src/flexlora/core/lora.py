@@ -13,7 +13,36 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["LoraFactors", "LoraUpdate", "LowRank", "lora_scale", "factors_nbytes"]
+__all__ = [
+    "ALPHA_RANGE",
+    "LoraFactors",
+    "LoraUpdate",
+    "LowRank",
+    "alpha_problem",
+    "lora_scale",
+    "factors_nbytes",
+]
+
+#: ``lora_alpha`` must lie in this closed range: the scale divides ``B`` when a global update is written back
+#: as factors, so 0, subnormal or tiny alphas overflow it to Inf/NaN and huge ones flush it to zero.
+ALPHA_RANGE = (1e-6, 1e6)
+
+
+def alpha_problem(value: object) -> str | None:
+    """What is wrong with ``value`` as a ``lora_alpha`` (not a real number, not finite, out of
+    :data:`ALPHA_RANGE`), or ``None`` if it is usable."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return f"must be a number, got {value!r}"
+    try:
+        x = float(value)
+    except OverflowError:
+        x = math.inf
+    if not math.isfinite(x):
+        return f"must be finite, got {value!r}"
+    lo, hi = ALPHA_RANGE
+    if not lo <= x <= hi:
+        return f"must be in [{lo:g}, {hi:g}], got {x!r}"
+    return None
 
 
 def lora_scale(alpha: float, rank: int, use_rslora: bool = False) -> float:

@@ -25,7 +25,7 @@ __all__ = ["read_safetensors", "write_safetensors", "FLOAT_DTYPES"]
 
 #: safetensors dtype tag -> bytes per element; only floating types are accepted for LoRA factors.
 FLOAT_DTYPES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}
-MAX_HEADER_BYTES = 100 * 2**20
+MAX_HEADER_BYTES = 16 * 2**20  # ours: ~150 bytes per tensor
 
 
 def _check_header(path: Path) -> dict:

@@ -101,9 +101,14 @@ class NodeBook:
         self.query_timeout = query_timeout
         self.declared: dict[int, NodeDeclaration] = {}
         self._assigned: dict[int, RankType] = {}
+        self._owner: dict[str, int] = {}  # client-id -> the first node that declared it
 
     def query(self, grid: Grid, node_ids: Iterable[int], round_: int = 0) -> list[int]:
         """Ask the nodes not asked yet for their declarations.
+
+        A node that declares a ``client-id`` which a node that is still connected declared in an earlier
+        query is left out (logged): a late node cannot take over another node's client. Two nodes that
+        declare the same id in one query are both recorded; the deployment roster refuses that run.
 
         Returns:
             The given node ids whose declaration is known (nodes that failed to answer are logged and left
@@ -117,6 +122,7 @@ class NodeBook:
                 for n in new
             ]
             replies, _ = exchange(grid, messages, self.query_timeout)
+            earlier, live = dict(self._owner), set(grid.get_node_ids())
             for node, reply in zip(new, replies, strict=True):
                 if reply is None:
                     log.warning(
@@ -129,7 +135,15 @@ class NodeBook:
                         record = reply.content.config_records.get(NODE_RECORD)
                         if record is None:
                             raise ReplyError(node, NODE_RECORD, "no ConfigRecord 'node' in the query reply")
-                        self.declared[node] = NodeDeclaration.from_record(record, node)
+                        decl = NodeDeclaration.from_record(record, node)
+                        holder = earlier.get(decl.client_id) if decl.client_id else None
+                        if holder is not None and holder != node and holder in live:
+                            raise ReplyError(
+                                node, "node[client-id]", f"{decl.client_id!r} is node {holder}'s client"
+                            )
+                        self.declared[node] = decl
+                        if decl.client_id and self._owner.get(decl.client_id) not in live:
+                            self._owner[decl.client_id] = node
                     except ReplyError as exc:
                         log.warning("%s", exc)
             self._assign()
@@ -160,6 +174,10 @@ class NodeBook:
         """
         declared = self.declared[node].rank_type
         return declared if declared is not None else self._assigned[node]
+
+    def owner(self, client_id: str) -> int | None:
+        """The node that first declared ``client_id`` (and holds it while connected)."""
+        return self._owner.get(client_id)
 
     def client_id(self, node: int) -> str | None:
         return self.declared[node].client_id if node in self.declared else None

@@ -22,16 +22,20 @@ same measure as the in-process engine, without the few hundred bytes of headers 
 
 from __future__ import annotations
 
+import io
+import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.lib.format as npy
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.common.constant import SType
 
 from flexlora.core.aggregators import GlobalState
-from flexlora.core.lora import LoraFactors, LoraUpdate
+from flexlora.core.lora import LoraFactors, LoraUpdate, alpha_problem
 from flexlora.core.ranks import RankType, parse_rank_type
 from flexlora.engines.jobs import TrainJob, TrainResult
 
@@ -39,9 +43,11 @@ __all__ = [
     "MAX_EXAMPLES",
     "NodeDeclaration",
     "ReplyError",
+    "decode_array",
     "factors_from_records",
     "factors_nbytes",
     "factors_to_records",
+    "finite_metrics",
     "job_from_content",
     "job_to_content",
     "node_declaration",
@@ -51,9 +57,14 @@ __all__ = [
     "update_from_reply",
 ]
 
+log = logging.getLogger(__name__)
+
 #: A reply claiming more training examples than this is refused: it would dominate the weighted average.
 MAX_EXAMPLES = 10_000_000
+#: Scalar metrics kept from one reply (ours send five).
+MAX_METRICS = 32
 _FLOAT_DTYPES = (np.float16, np.float32, np.float64)
+_MAX_NPY_HEADER = 10_000  # numpy's own default limit for a header it parses
 
 
 class ReplyError(ValueError):
@@ -110,19 +121,56 @@ def factors_to_records(factors: Mapping[str, LoraFactors]) -> tuple[ArrayRecord,
     return arrays, lora
 
 
-def _decode(node: int | str, field: str, array: Array) -> torch.Tensor:
-    """One array -> a float tensor; the dtype and shape are read from the data, never from the metadata."""
+def decode_array(
+    node: int | str, field: str, array: object, expected: tuple[int, int] | None = None, why: str = ""
+) -> torch.Tensor:
+    """The one way an array from the wire becomes a tensor: a finite float matrix, checked before allocating.
+
+    The bytes must be a plain ``.npy`` file, format 1.0 or 2.0 (header at most 10,000 bytes, parsed by
+    numpy's literal reader, never unpickled); the dtype float16/32/64, little-endian or native (no object,
+    structured or big-endian dtype); the shape two non-negative integers, equal to ``expected`` when given;
+    and the data exactly ``prod(shape) * itemsize`` bytes. The array's own ``dtype`` / ``shape`` metadata
+    are ignored: everything is read from the bytes. Only then is the data copied (never more than was
+    received), and checked for NaN/Inf.
+
+    Args:
+        why: appended to a shape mismatch (``" (rank 3 was sent)"``).
+
+    Raises:
+        ReplyError: naming ``node`` and ``field``, for any of the above.
+    """
     if not isinstance(array, Array):
         raise ReplyError(node, field, f"expected an Array, got {type(array).__name__}")
+    if array.stype != SType.NUMPY:
+        raise ReplyError(node, field, f"serialization {str(array.stype)[:40]!r} is not a .npy array")
+    data = array.data
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise ReplyError(node, field, f"data is {type(data).__name__}, not bytes")
+    fp = io.BytesIO(data)
     try:
-        values = array.numpy()
-    except (TypeError, ValueError, OSError, EOFError) as exc:
-        raise ReplyError(node, field, f"cannot be decoded ({exc})") from None
-    if values.dtype.type not in _FLOAT_DTYPES:
-        raise ReplyError(node, field, f"has non-float dtype {values.dtype}")
-    if values.ndim != 2:
-        raise ReplyError(node, field, f"must be a matrix, got shape {tuple(values.shape)}")
-    tensor = torch.from_numpy(np.array(values, copy=True))
+        version = npy.read_magic(fp)
+        if version not in ((1, 0), (2, 0)):
+            raise ValueError(f"npy format {version[0]}.{version[1]}, only 1.0 and 2.0 are read")
+        read_header = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
+        shape, fortran, dtype = read_header(fp, max_header_size=_MAX_NPY_HEADER)
+    except Exception as exc:  # numpy's header parser raises many kinds (tokenize.TokenError too); all refuse
+        raise ReplyError(
+            node, field, f"cannot be decoded as a plain .npy array ({' '.join(str(exc).split())[:120]})"
+        ) from None
+    if dtype.hasobject or dtype.type not in _FLOAT_DTYPES:
+        raise ReplyError(node, field, f"has non-float dtype {str(dtype)[:40]} (float16/32/64 only)")
+    if dtype.byteorder == ">":
+        raise ReplyError(node, field, f"has big-endian dtype {dtype.str}; only little-endian is read")
+    if len(shape) != 2 or not all(isinstance(n, int) and n >= 0 for n in shape):
+        raise ReplyError(node, field, f"must be a matrix, got shape {str(shape)[:80]}")
+    if expected is not None and tuple(shape) != tuple(expected):
+        raise ReplyError(node, field, f"has shape {tuple(shape)}, expected {tuple(expected)}{why}")
+    needed, held = math.prod(shape) * dtype.itemsize, len(data) - fp.tell()
+    if needed != held:
+        raise ReplyError(node, field, f"shape {tuple(shape)} needs {needed} bytes, the array holds {held}")
+    values = np.frombuffer(data, dtype=dtype, count=math.prod(shape), offset=fp.tell())
+    values = values.reshape(shape, order="F" if fortran else "C").astype(dtype.newbyteorder("="))
+    tensor = torch.from_numpy(np.ascontiguousarray(values))
     if not torch.isfinite(tensor).all():
         raise ReplyError(node, field, "has NaN or Inf values")
     return tensor
@@ -145,8 +193,10 @@ def factors_from_records(
     _check_keys(node, record, set(arrays), expected)
     out = {}
     for name, alpha, rs in zip(names, alphas, rslora, strict=True):
-        A = _decode(node, f"{record}[{name}.A]", arrays[f"{name}.A"])
-        B = _decode(node, f"{record}[{name}.B]", arrays[f"{name}.B"])
+        if problem := alpha_problem(alpha):
+            raise ReplyError(node, f"{record}-lora[alphas][{name}]", problem)
+        A = decode_array(node, f"{record}[{name}.A]", arrays[f"{name}.A"])
+        B = decode_array(node, f"{record}[{name}.B]", arrays[f"{name}.B"])
         if B.shape[1] != A.shape[0]:
             raise ReplyError(node, f"{record}[{name}]", f"B {tuple(B.shape)} and A {tuple(A.shape)} disagree")
         out[name] = LoraFactors(A, B, float(alpha), bool(rs))
@@ -169,7 +219,7 @@ def state_to_arrays(state: GlobalState) -> ArrayRecord:
 def state_from_arrays(arrays: ArrayRecord, method: str) -> GlobalState:
     """Inverse of :func:`state_to_arrays` (the server's own record: shapes are checked, values trusted)."""
     return GlobalState.from_tensors(
-        {k: _decode("server", f"arrays[{k}]", v) for k, v in arrays.items()}, method
+        {k: decode_array("server", f"arrays[{k}]", v) for k, v in arrays.items()}, method
     )
 
 
@@ -280,19 +330,35 @@ def update_from_reply(
     _check_keys(node, "update", set(arrays), {f"{m}.{ab}" for m in sent for ab in "AB"})
     modules, nbytes = {}, 0
     for name, ref in sent.items():
-        A = _decode(node, f"update[{name}.A]", arrays[f"{name}.A"])
-        B = _decode(node, f"update[{name}.B]", arrays[f"{name}.B"])
-        for label, got, want in (("A", A, ref.A), ("B", B, ref.B)):
-            if tuple(got.shape) != tuple(want.shape):
-                raise ReplyError(
-                    node,
-                    f"update[{name}.{label}]",
-                    f"has shape {tuple(got.shape)}, expected {tuple(want.shape)} (rank {ref.rank} was sent)",
-                )
+        why = f" (rank {ref.rank} was sent)"
+        A = decode_array(node, f"update[{name}.A]", arrays[f"{name}.A"], tuple(ref.A.shape), why)
+        B = decode_array(node, f"update[{name}.B]", arrays[f"{name}.B"], tuple(ref.B.shape), why)
         nbytes += _tensor_nbytes(A) + _tensor_nbytes(B)
         modules[name] = LoraFactors(A, B, ref.alpha, ref.use_rslora)
-    others = {k: float(v) for k, v in metrics.items() if k != "num-examples" and isinstance(v, int | float)}
+    others = finite_metrics(node, metrics)
     return LoraUpdate(modules, n, client_id or str(claimed or "")), others, nbytes
+
+
+def finite_metrics(node: int | str, metrics: MetricRecord) -> dict[str, float]:
+    """The reply's scalar metrics other than ``num-examples``; NaN/Inf values (``train_loss = inf``) and
+    metrics beyond the first :data:`MAX_METRICS` are dropped with a logged reason, never averaged."""
+    out: dict[str, float] = {}
+    for key, value in metrics.items():
+        if key == "num-examples" or isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        try:
+            x = float(value)
+        except OverflowError:
+            x = math.inf
+        if not math.isfinite(x):
+            log.warning("node %s: metrics[%s] = %r is not finite; dropped", node, str(key)[:60], value)
+        elif len(out) >= MAX_METRICS:
+            log.warning(
+                "node %s: more than %d metrics; metrics[%s] dropped", node, MAX_METRICS, str(key)[:60]
+            )
+        else:
+            out[key] = x
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ nodes
@@ -324,18 +390,33 @@ class NodeDeclaration:
 
     @classmethod
     def from_record(cls, record: ConfigRecord, node: int | str = "?") -> NodeDeclaration:
-        """Raises: ReplyError if the declared rank type is malformed."""
+        """Read a node's answer to the query; the rank type must be one :func:`parse_rank_type` knows (its
+        ``attn`` / ``mlp`` fields, if set, must agree), the client id a short printable string.
+
+        Raises:
+            ReplyError: naming the field, for anything else.
+        """
         rank_type = None
-        if name := str(record.get("lora-rank-type", "")):
-            attn, mlp = int(record.get("lora-rank-attn", 0)), int(record.get("lora-rank-mlp", 0))
+        name = record.get("lora-rank-type", "")
+        if not isinstance(name, str) or len(name) > 64:
+            raise ReplyError(node, "node[lora-rank-type]", f"must be a short string, got {str(name)[:64]!r}")
+        if name:
             try:
-                rank_type = parse_rank_type(name) if attn <= 0 else RankType(name, attn, mlp)
+                rank_type = parse_rank_type(name)
             except ValueError as exc:
                 raise ReplyError(node, "node[lora-rank-type]", str(exc)) from None
-            if rank_type.attn <= 0 or rank_type.mlp <= 0:
-                raise ReplyError(node, "node[lora-rank-type]", f"ranks must be positive, got {rank_type}")
-        pid = int(record.get("partition-id", -1))
-        return cls(rank_type, str(record.get("client-id", "")) or None, pid if pid >= 0 else None)
+            for key, want in (("lora-rank-attn", rank_type.attn), ("lora-rank-mlp", rank_type.mlp)):
+                if record.get(key, 0) not in (0, want):
+                    raise ReplyError(node, f"node[{key}]", f"{record.get(key)!r} disagrees with {name!r}")
+        client_id = record.get("client-id", "")
+        if not isinstance(client_id, str) or len(client_id) > 256 or not client_id.isprintable():
+            raise ReplyError(
+                node, "node[client-id]", f"must be a printable string, got {str(client_id)[:64]!r}"
+            )
+        pid = record.get("partition-id", -1)
+        if not isinstance(pid, int) or isinstance(pid, bool) or not -1 <= pid < 2**31:
+            raise ReplyError(node, "node[partition-id]", f"must be an integer >= -1, got {pid!r}")
+        return cls(rank_type, client_id or None, pid if pid >= 0 else None)
 
 
 def node_declaration(node_config: Mapping[str, object]) -> NodeDeclaration:

@@ -22,6 +22,7 @@ the same seed start every client from the same factors.
 from __future__ import annotations
 
 import logging
+import math
 import random
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -32,7 +33,7 @@ from flwr.serverapp.strategy import Strategy
 
 from flexlora.checkpoint import ServerState
 from flexlora.core.aggregators import GlobalState, make_aggregator
-from flexlora.core.lora import LoraUpdate
+from flexlora.core.lora import LoraUpdate, alpha_problem
 from flexlora.core.ranks import module_ranks
 from flexlora.core.validation import UpdateLimits, UpdateRejected, check_update
 from flexlora.engines.flower.nodes import NodeBook, wait_for_nodes
@@ -40,6 +41,7 @@ from flexlora.engines.flower.records import (
     MAX_EXAMPLES,
     ReplyError,
     factors_nbytes,
+    finite_metrics,
     job_to_content,
     state_from_arrays,
     state_to_arrays,
@@ -68,6 +70,8 @@ class FlexLoRAStrategy(Strategy):
         query_timeout: seconds to wait for nodes to declare their ranks.
         wait_timeout: seconds to wait for ``min_available_nodes`` to connect.
         max_examples: a reply claiming more training examples is refused.
+        norm_bound: a reply whose effective update has ``||dW_i||_F`` above this is refused (as
+            ``security.norm_bound`` does in the round loop); ``None``: only the overflow guard applies.
         method_options: keyword arguments of the aggregator (e.g. ``{"svd": "dense"}``).
 
     Raises:
@@ -92,10 +96,13 @@ class FlexLoRAStrategy(Strategy):
         query_timeout: float = 60.0,
         wait_timeout: float = 600.0,
         max_examples: int = MAX_EXAMPLES,
+        norm_bound: float | None = None,
         method_options: Mapping[str, Any] | None = None,
     ) -> None:
         if not 0.0 <= fraction_train <= 1.0 or not 0.0 <= fraction_evaluate <= 1.0:
             raise ValueError(f"fractions must be in [0, 1], got {fraction_train}, {fraction_evaluate}")
+        if problem := alpha_problem(alpha):
+            raise ValueError(f"alpha {problem}")
         self.aggregator = make_aggregator(method, **dict(method_options or {}))
         self.method = method
         self.shapes = {name: (int(d), int(k)) for name, (d, k) in shapes.items()}
@@ -106,6 +113,7 @@ class FlexLoRAStrategy(Strategy):
         self.min_available_nodes = min_available_nodes
         self.min_train_replies = max(1, min_train_replies)
         self.wait_timeout, self.max_examples = wait_timeout, max_examples
+        self.limits = UpdateLimits(max_examples, norm_bound)  # ValueError for a bad bound
         self.book = NodeBook(distribution, seed, query_timeout)
         self.state: GlobalState | None = None
         self._arrays: ArrayRecord | None = None  # the record self.state was sent or returned as
@@ -131,6 +139,7 @@ class FlexLoRAStrategy(Strategy):
             self.min_evaluate_nodes,
             self.min_available_nodes,
         )
+        log.info("├── update norm bound: %s", self.limits.norm_bound)
         log.info("└── minimum valid replies per round: %d", self.min_train_replies)
 
     def _sample(self, grid: Grid, fraction: float, minimum: int, server_round: int, what: str) -> list[int]:
@@ -139,7 +148,18 @@ class FlexLoRAStrategy(Strategy):
         rng = random.Random(derive_seed(self.seed, what, server_round))
         sampled = sorted(rng.sample(nodes, size))
         log.info("%s: sampled %d nodes (out of %d)", what, len(sampled), len(nodes))
-        return self.book.query(grid, sampled, server_round)
+        known = self.book.query(grid, sampled, server_round)
+        return [n for n in known if self._holds_its_client(n)]
+
+    def _holds_its_client(self, node: int) -> bool:
+        """A node trains as its declared client only if it is that client's first declarer."""
+        client = self.book.client_id(node)
+        if client is None or self.book.owner(client) == node:
+            return True
+        log.warning(
+            "node %d declares client-id %r, node %d's; left out", node, client, self.book.owner(client)
+        )
+        return False
 
     def _label(self, node: int) -> str:
         """The client a node trains as: its declared ``client-id``, else ``node-<id>``."""
@@ -267,7 +287,7 @@ class FlexLoRAStrategy(Strategy):
                         shapes=self.shapes,
                         alpha=self.alpha,
                         use_rslora=self.use_rslora,
-                        limits=UpdateLimits(self.max_examples),
+                        limits=self.limits,
                         frozen_A={n: f.A for n, f in job.init.items()} if job.freeze_A else None,
                     )
                 except (ReplyError, UpdateRejected) as exc:
@@ -324,25 +344,30 @@ class FlexLoRAStrategy(Strategy):
             if msg.has_error():
                 log.warning("node %d: evaluation failed: %s", msg.metadata.src_node_id, msg.error.reason)
                 continue
+            node = msg.metadata.src_node_id
             m = msg.content.metric_records.get("metrics")
             n = None if m is None else m.get("num-examples")
-            if not isinstance(n, int) or n <= 0:
+            if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= self.max_examples:
                 log.warning(
-                    "node %d: evaluation reply without a positive num-examples", msg.metadata.src_node_id
+                    "node %d: evaluation reply without num-examples in [1, %d]", node, self.max_examples
                 )
                 continue
-            rows.append({k: float(v) for k, v in m.items() if isinstance(v, int | float)})
+            rows.append({**finite_metrics(node, m), "num-examples": n})
         return _weighted(rows) if rows else None
 
 
 def _weighted(rows: list[dict[str, float]]) -> MetricRecord:
-    """Example-weighted means of every metric (``num-examples`` summed)."""
+    """Example-weighted means of every metric (``num-examples`` summed); a mean that overflows is dropped
+    with a logged reason."""
     total = sum(r["num-examples"] for r in rows)
     out = MetricRecord({"num-examples": int(total)})
     keys = sorted({k for r in rows for k in r} - {"num-examples"})
     for key in keys:
         pairs = [(r["num-examples"], r[key]) for r in rows if key in r]
         weight = sum(n for n, _ in pairs)
-        if weight:
-            out[key] = sum(n * v for n, v in pairs) / weight
+        mean = sum(n * v for n, v in pairs) / weight if weight else math.nan
+        if math.isfinite(mean):
+            out[key] = mean
+        else:
+            log.warning("round metric %s is not finite (overflow); dropped", key)
     return out
