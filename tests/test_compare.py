@@ -163,7 +163,7 @@ def test_grid_runs_resumes_reuses_and_reports(tmp_path, monkeypatch, capsys):
     )
     # ---- the report: flexlora under uniform against fedit, paired over 2 seeds x 2 held-out clients
     table = (out / "report" / "results.md").read_text()
-    assert "| flexlora | uniform | 2 |" in table and "fedit (homo)" in table and "(n=4" in table
+    assert "| flexlora | uniform | 2 |" in table and "fedit (homo)" in table and "(n=4, exact)" in table
     assert (out / "report" / "loss_by_round.png").is_file()
     # ---- nothing left to do; a changed config is refused, not mixed in
     monkeypatch.setattr(flexlora.run, "run_federation", lambda *a, **k: pytest.fail("reran a finished cell"))

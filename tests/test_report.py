@@ -194,6 +194,7 @@ def test_report_files_and_cli(grid, capsys):
     assert len(runs) == 5 and "runs.csv" in names
     run = runs[("flexlora", "0")]
     assert run["reference"] == "fedit (homo)" and float(run["loss_diff"]) == pytest.approx(-0.2)
+    assert float(run["loss_rel_pct"]) == pytest.approx(10.0)
     assert run["loss_clients_better"] == "2/2" and run["rougeL_clients_better"] == "2/2"  # 22 > 20
     # final spectrum (round 2): top singular values 3/2, 1/2, 0; energy beyond the smallest rank 0.1 * 2
     assert float(run["q_proj_top_sv"]) == 1.5 and float(run["q_proj_norm_top16"]) == pytest.approx(

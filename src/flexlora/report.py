@@ -49,9 +49,7 @@ __all__ = [
     "collect_runs",
     "keep_records",
     "load_run",
-    "mean_sd",
     "normalize_eval",
-    "sign_flip_test",
     "summarize",
     "write_runs",
     "write_tables",
@@ -548,8 +546,9 @@ def write_runs(
     records: Sequence[RunRecord], out: Path, baseline: str = DEFAULT_BASELINE, against: str | None = None
 ) -> Path:
     """``runs.csv``: one row per run (the per-seed numbers behind the tables): its scores, per metric the
-    difference to its reference at the same seed and how many held-out clients it beats the reference on
-    (``k/n``), and the spectrum of its final aggregate (:func:`_spectrum_columns`)."""
+    difference to its reference at the same seed, how many held-out clients it beats the reference on
+    (``k/n``), the relative improvement over it (%, > 0 better), and the spectrum of its final aggregate
+    (:func:`_spectrum_columns`)."""
     by_cell = {(r.label, r.distribution, r.seed): r for r in records}
     rows = []
     for r in sorted(records, key=lambda r: (r.label, r.distribution, r.seed)):
@@ -561,6 +560,7 @@ def write_runs(
             row[m] = r.scores[m]
             paired = b is not None and None not in (r.scores[m], b.scores[m])
             row[f"{m}_diff"] = r.scores[m] - b.scores[m] if paired else None
+            row[f"{m}_rel_pct"] = _improvement(m, r.scores[m], b.scores[m]) if paired else None
             common = [c for c in r.per_client[m] if b is not None and c in b.per_client[m]]
             wins = sum(_gain(m, r.per_client[m][c], b.per_client[m][c]) > 0 for c in common) if b else 0
             row[f"{m}_clients_better"] = f"{wins}/{len(common)}" if paired and common else ""
