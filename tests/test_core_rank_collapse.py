@@ -112,3 +112,27 @@ def test_florist_refuses_a_threshold_outside_zero_one():
     for tau in (0.0, 1.5, -1):
         with pytest.raises(ValueError, match="threshold"):
             make_aggregator("florist", threshold=tau)
+
+
+def test_florist_under_dp_thresholds_the_noised_mean_as_post_processing():
+    from flexlora.core.privacy import PrivateAggregator
+
+    updates = [client(r, n, s) for s, (r, n) in enumerate([(2, 3), (4, 1), (3, 2)])]
+
+    def private(inner):
+        agg = PrivateAggregator(inner, clip_norm=1.0, noise_multiplier=0.5, expected_clients=3, population=10)
+        agg.start_round(1)
+        return agg.aggregate(updates)
+
+    assert torch.allclose(delta(private(FLoRIST(threshold=1.0))), delta(private(FLoRA())), atol=1e-4)
+    assert private(FLoRIST(threshold=0.5)).modules["m"].rank < private(FLoRA()).modules["m"].rank
+
+
+@pytest.mark.parametrize("method", ["raflora", "florist"])
+def test_robust_median_takes_the_product_space_consensus(method):
+    from flexlora.core.robust import RobustAggregator
+
+    updates = [client(r, n, s) for s, (r, n) in enumerate([(2, 3), (4, 1), (3, 2)])]
+    agg = RobustAggregator(make_aggregator(method), "median")
+    assert agg.space == "product"
+    assert torch.isfinite(delta(agg.aggregate(updates))).all()

@@ -38,6 +38,9 @@ def plot_metric_by_round(
     for label, metrics in runs.items():
         rounds, values = eval_series(metrics, key)
         ax.plot(rounds, values, marker="o", label=label)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
     ax.set_xlabel("round")
     ax.set_ylabel(key)
     ax.set_title(title or f"{key} on held-out clients by round")
@@ -200,10 +203,24 @@ def plot_energy_beyond_min_rank(records: Sequence[Any], path: str | Path) -> Pat
     return _save(fig, Path(path))
 
 
-def plot_spectrum_by_round(records: Sequence[Any], path: str | Path, kind: str | None = None) -> Path:
+def _spaced(items: Sequence[Any], n: int) -> list[Any]:
+    """At most ``n`` items, evenly spaced, always the first and the last."""
+    if len(items) <= n:
+        return list(items)
+    return [items[i] for i in sorted({round(j * (len(items) - 1) / (n - 1)) for j in range(n)})]
+
+
+def plot_spectrum_by_round(
+    records: Sequence[Any], path: str | Path, kind: str | None = None, max_curves: int = 10
+) -> Path:
     """Leading singular values of the aggregate ``dW`` (mean over layers) of module ``kind``, one subplot per
-    (method, distribution) at its lowest seed, one line per round (dark: early, light: late)."""
+    (method, distribution) at its lowest seed, one line per round, colored by the round the same way in
+    every subplot (dark: early, light: late; the first subplot's legend names them). Long runs show at most
+    ``max_curves`` evenly spaced rounds (first and last included), so 30 rounds stay readable."""
     plt = _pyplot()
+    from matplotlib.colors import Normalize
+    from matplotlib.ticker import MaxNLocator
+
     chosen: dict[tuple[str, str], Any] = {}
     for r in sorted(records, key=lambda r: r.seed):
         chosen.setdefault((r.label, r.distribution), r)
@@ -211,6 +228,9 @@ def plot_spectrum_by_round(records: Sequence[Any], path: str | Path, kind: str |
     cols = min(4, len(keys))
     rows = -(-len(keys) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.3 * rows), dpi=110, squeeze=False)
+    rounds = [m["round"] for r in chosen.values() for m in r.metrics if "spectrum" in m] or [0]
+    norm, cmap = Normalize(min(rounds), max(max(rounds), min(rounds) + 1)), plt.get_cmap("viridis")
+    legend = True
     for ax, key in zip(axes.flat, keys, strict=False):
         run = chosen[key]
         spectra = [(m["round"], m["spectrum"]["top_singular_values"]) for m in run.metrics if "spectrum" in m]
@@ -218,21 +238,17 @@ def plot_spectrum_by_round(records: Sequence[Any], path: str | Path, kind: str |
             ax.set_visible(False)
             continue
         k = kind if kind in spectra[-1][1] else sorted(spectra[-1][1])[0]
-        cmap = plt.get_cmap("viridis")
-        for i, (rnd, sv) in enumerate(spectra):
+        for rnd, sv in _spaced(spectra, max_curves):
             values = sv[k]
-            ax.plot(
-                range(1, len(values) + 1),
-                values,
-                color=cmap(i / max(1, len(spectra) - 1)),
-                lw=1,
-                label=f"r{rnd}" if i in (0, len(spectra) - 1) else None,
-            )
+            ax.plot(range(1, len(values) + 1), values, color=cmap(norm(rnd)), lw=1, label=f"round {rnd}")
         ax.set_yscale("symlog", linthresh=1e-4)
         ax.set_title(f"{key[0]} / {key[1]} (seed {run.seed}), {k}", fontsize=8)
         ax.set_xlabel("singular value index")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if legend:
+            ax.legend(fontsize=6, ncol=2)
+            legend = False
     for ax in list(axes.flat)[len(keys) :]:
         ax.set_visible(False)
     return _save(fig, Path(path))

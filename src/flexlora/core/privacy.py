@@ -118,7 +118,7 @@ class PrivateAggregator(Aggregator):
     """Clipping, fixed-denominator averaging and Gaussian noise around ``inner`` (module docstring).
 
     Args:
-        inner: ``flexlora``, ``flora`` or ``ffa``.
+        inner: ``flexlora``, ``flora``, ``florist`` or ``ffa``.
         clip_norm: ``C``.
         noise_multiplier: ``sigma`` (noise std ``sigma C / m``).
         expected_clients: ``m``, the clients sampled per round.

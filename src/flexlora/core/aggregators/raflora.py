@@ -18,8 +18,12 @@ whether written per component or per partition. With equal ranks ``P_j = 1`` and
 exactly. Redistribution is FlexLoRA's: the SVD of ``dW`` (factored, never formed while the sum of ranks is
 small) and the best rank-``r`` approximation for a client of rank ``r``.
 
-This implements the aggregation rule as the paper states it (rank partitions weighted by their contributors'
-data shares); the paper's training recipe and hyperparameters are not part of the aggregator.
+Provenance: only the paper's abstract and third-party summaries could be read here, not its method
+section. The rule above is the abstract's "aggregate each partition weighted by its effective client
+contributions", with the data shares ``p_i`` renormalised over each partition's contributors (so that it is
+FlexLoRA at equal ranks); if the paper defines the effective contributions otherwise (e.g. equal weights
+``1 / |C_j|``), ``partition_weights`` is the one place to change. Check it against the paper's equations
+before quoting results as raFLoRA's. The paper's training recipe is not part of the aggregator.
 """
 
 from __future__ import annotations

@@ -59,7 +59,7 @@ class FlexLoRAStrategy(Strategy):
     """Heterogeneous-rank LoRA aggregation as a Flower strategy.
 
     Args:
-        method: ``flexlora``, ``fedavg`` / ``fedit``, ``hetlora``, ``flora`` or ``ffa``.
+        method: ``flexlora``, ``fedavg`` / ``fedit``, ``hetlora``, ``flora``, ``ffa``, ``raflora`` or ``florist``.
         shapes: ``(d, k)`` of every adapted module of the base model (``flexlora.models.target_module_shapes``).
         alpha, use_rslora: the LoRA scale payloads are cut for.
         distribution: rank types of nodes that declare none (a distribution name or a list of types).
