@@ -498,6 +498,17 @@ def test_overwrite_replaces_only_an_earlier_aggregate(world, tmp_path):
     assert not [p.name for p in root.iterdir() if p.name.startswith(".")], "a temporary directory was left"
 
 
+def test_alias_bomb_in_a_fresh_interpreter(world, tmp_path):
+    """The same contract without the fork server: a new interpreter, imports and all."""
+    root = tmp_path / "w"
+    shutil.copytree(world, root, symlinks=True)
+    args = _config(root, _bomb())
+    before = tree_hashes(root, SKIP)
+    outcome = run_cli(args, cwd=root, fresh=True, label="YAML alias bomb, fresh interpreter")
+    assert_refused(outcome, 2, "aliases")
+    assert_unchanged(before, root, SKIP)
+
+
 def test_finished_run_resumed_is_a_no_op(world, tmp_path):
     root = tmp_path / "w"
     shutil.copytree(world, root, symlinks=True)

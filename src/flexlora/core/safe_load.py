@@ -88,6 +88,17 @@ def _check_depth(value: Any, where: str, max_depth: int, kind: str) -> None:
 class _BoundedLoader(yaml.SafeLoader):
     """PyYAML's safe loader that refuses a document whose alias expansion exceeds ``MAX_YAML_NODES``."""
 
+    def fetch_flow_collection_start(self, token_class):
+        """Refuse deep ``[[[...`` while scanning: PyYAML's scanner would otherwise spend seconds on it."""
+        if self.flow_level >= MAX_DEPTH:
+            raise LoadError(f"{self.name}: YAML nested deeper than {MAX_DEPTH} levels")
+        super().fetch_flow_collection_start(token_class)
+
+    def add_indent(self, column):
+        if len(self.indents) >= MAX_DEPTH:
+            raise LoadError(f"{self.name}: YAML nested deeper than {MAX_DEPTH} levels")
+        return super().add_indent(column)
+
     def compose_document(self):
         node = super().compose_document()
         _expanded_size(node, self.name)
