@@ -251,6 +251,7 @@ def test_deployment_on_loopback_with_a_node_killed_mid_run(cluster, tmp_path):
     assert json.loads((run_dir / "assignment.json").read_text()) == {"0": "r4", "1": "r8"}
 
 
+@pytest.mark.slow  # ~4 minutes on a loaded 2-core box (still part of `make test`)
 def test_deployment_with_tls_and_supernode_auth_refuses_an_unregistered_node(secure_cluster, tmp_path):
     cluster = secure_cluster
     # the intruder is refused at activation and its SuperNode exits; nothing else is needed from it

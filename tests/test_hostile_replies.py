@@ -588,3 +588,21 @@ def test_a_node_cannot_take_over_another_nodes_client_id(caplog):
     messages = list(strategy.configure_train(1, ArrayRecord(), ConfigRecord(), same))
     assert [m.metadata.dst_node_id for m in messages] == [5]
     assert "node 6 declares client-id 'x', node 5's; left out" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "key",
+    ["(" + ".*" * 300 + ")*z", "((a|.)*.)*z"],
+)
+def test_many_modules_times_costly_keys_run_out_of_budget_quickly(key, tmp_path):
+    fs = {
+        f"model.layers.{i}.self_attn.q_proj": LoraFactors(torch.ones(1, 2), torch.ones(2, 1), 16.0)
+        for i in range(400)
+    }
+    write_adapter(tmp_path / "many", fs)
+    cfg = json.loads((tmp_path / "many" / CONFIG_NAME).read_text())
+    cfg["rank_pattern"] = {key: 2, **{f"k{i}(x|y)*": 2 for i in range(200)}}
+    (tmp_path / "many" / CONFIG_NAME).write_text(json.dumps(cfg))
+    with pytest.raises(AdapterError) as info:
+        timed(f"adapter: 400 modules x costly keys {key[:12]}", lambda: read_adapter(tmp_path / "many"))
+    one_line(info.value, "matching work")

@@ -30,7 +30,7 @@ import torch
 
 from flexlora.core.errors import AdapterError
 from flexlora.core.lora import LoraFactors, LoraUpdate, alpha_problem
-from flexlora.core.patterns import PatternError, compile_key, key_matches
+from flexlora.core.patterns import MatchBudget, PatternError, compile_key, key_matches
 from flexlora.core.safetensors_io import read_safetensors, write_safetensors
 
 __all__ = ["AdapterConfig", "read_adapter", "write_adapter", "pattern_value", "atomic_directory"]
@@ -43,6 +43,9 @@ _PREFIX = "base_model.model."
 MAX_CONFIG_BYTES = 8 * 2**20
 #: total automaton states of the pattern keys of one config that need the NFA (repeats, alternation).
 MAX_PATTERN_STATES = 20_000
+#: matching work for all pattern lookups of one adapter (see MatchBudget): 2-8 s for the worst NFA keys on a
+#: loaded core; an adapter we write for 560 modules with 3 ranks and 5 alphas (821 keys) spends 2.9e5.
+MAX_MATCH_WORK = 600_000
 _KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
 
 
@@ -57,19 +60,22 @@ class AdapterConfig:
     use_rslora: bool = False
     target_modules: list[str] | str | None = None
     base_model_name_or_path: str | None = None
+    budget: MatchBudget | None = field(default=None, repr=False, compare=False)  # for untrusted configs
 
     def rank_for(self, module: str) -> int:
-        return int(pattern_value(self.rank_pattern, module, self.r))
+        return int(pattern_value(self.rank_pattern, module, self.r, self.budget))
 
     def alpha_for(self, module: str) -> float:
-        return float(pattern_value(self.alpha_pattern, module, self.lora_alpha))
+        return float(pattern_value(self.alpha_pattern, module, self.lora_alpha, self.budget))
 
 
-def pattern_value(pattern: Mapping[str, float], module: str, default: float) -> float:
+def pattern_value(
+    pattern: Mapping[str, float], module: str, default: float, budget: MatchBudget | None = None
+) -> float:
     """PEFT's lookup: the first key ``K`` with ``re.match(rf"(.*\\.)?({K})$", module)``, else ``default``
     (matched in linear time by :func:`flexlora.core.patterns.key_matches`)."""
     for key, value in pattern.items():
-        if key_matches(key, module):
+        if key_matches(key, module, budget):
             return value
     return default
 
@@ -107,6 +113,7 @@ def _read_config(path: Path) -> AdapterConfig:
         use_rslora=bool(raw.get("use_rslora", False)),
         target_modules=raw.get("target_modules"),
         base_model_name_or_path=raw.get("base_model_name_or_path"),
+        budget=MatchBudget(MAX_MATCH_WORK),
     )
 
 
@@ -169,6 +176,15 @@ def read_adapter(path: str | os.PathLike, num_examples: int = 1) -> tuple[LoraUp
         parts.setdefault(m["module"], {})[m["part"]] = tensor
     if not parts:
         raise AdapterError(f"{path}: {WEIGHTS_NAME} holds no LoRA tensors")
+    try:
+        modules = _modules(path, parts, config)
+    except PatternError as exc:
+        raise AdapterError(f"{path}: {CONFIG_NAME}: {exc}") from None
+    return LoraUpdate(modules, num_examples=num_examples, client_id=str(path)), config
+
+
+def _modules(path: Path, parts: dict[str, dict[str, torch.Tensor]], config: AdapterConfig) -> dict:
+    """Pair each module's A and B and check their rank against the config."""
     modules = {}
     for name in sorted(parts):
         if set(parts[name]) != {"A", "B"}:
@@ -184,7 +200,7 @@ def read_adapter(path: str | os.PathLike, num_examples: int = 1) -> tuple[LoraUp
                 f"{path}: module {name!r}: config declares rank {config.rank_for(name)}, tensors have rank {A.shape[0]}"
             )
         modules[name] = LoraFactors(A, B, config.alpha_for(name), config.use_rslora)
-    return LoraUpdate(modules, num_examples=num_examples, client_id=str(path)), config
+    return modules
 
 
 def _most_common(values: list) -> object:

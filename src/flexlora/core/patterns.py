@@ -24,7 +24,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-__all__ = ["MAX_KEY_CHARS", "MAX_STATES", "CompiledKey", "PatternError", "compile_key", "key_matches"]
+__all__ = [
+    "MAX_KEY_CHARS",
+    "MAX_STATES",
+    "CompiledKey",
+    "MatchBudget",
+    "PatternError",
+    "compile_key",
+    "key_matches",
+]
 
 MAX_KEY_CHARS = 1_000
 MAX_STATES = 2_000
@@ -38,6 +46,21 @@ _CLASSES: dict[str, Callable[[str], bool]] = {
 
 class PatternError(ValueError):
     """A pattern key uses syntax outside the supported subset, or is too large."""
+
+
+@dataclass
+class MatchBudget:
+    """Matching work left for one config's lookups, in units: 1 per call, and 4 per NFA step (a state
+    visited, epsilon moves included, or a character read), which costs about four times a whole ``re`` match
+    of a simple key. Exhausting it raises :class:`PatternError`, so many keys times many modules stay
+    bounded too."""
+
+    left: int
+
+    def spend(self, steps: int) -> None:
+        self.left -= steps
+        if self.left < 0:
+            raise PatternError("pattern keys need more matching work than accepted for one adapter")
 
 
 @dataclass
@@ -282,11 +305,14 @@ def compile_key(key: str) -> CompiledKey:
     return CompiledKey(None, start, accept, parser.states)
 
 
-def _closure(states: list[_State], pos: int, n: int, into: dict[int, _State]) -> None:
-    """Add ``states`` and everything reachable by epsilon moves and anchors true at ``pos`` to ``into``."""
+def _closure(states: list[_State], pos: int, n: int, into: dict[int, _State]) -> int:
+    """Add ``states`` and everything reachable by epsilon moves and anchors true at ``pos`` to ``into``;
+    returns the steps taken (states popped)."""
     stack = list(states)
+    steps = 0
     while stack:
         s = stack.pop()
+        steps += 1
         if id(s) in into:
             continue
         into[id(s)] = s
@@ -295,15 +321,18 @@ def _closure(states: list[_State], pos: int, n: int, into: dict[int, _State]) ->
                 stack.append(s.out)
         else:
             stack.extend(s.eps)
+    return steps
 
 
-def key_matches(key: str, name: str) -> bool:
+def key_matches(key: str, name: str, budget: MatchBudget | None = None) -> bool:
     """``re.match(rf"(.*\\.)?({key})$", name) is not None``, without backtracking.
 
     Raises:
-        PatternError: ``key`` is outside the supported syntax.
+        PatternError: ``key`` is outside the supported syntax, or ``budget`` ran out.
     """
     compiled = compile_key(key)
+    if budget is not None:
+        budget.spend(1)
     if compiled.regex is not None:
         return compiled.regex.match(name) is not None
     start, accept = compiled.start, compiled.accept
@@ -315,6 +344,8 @@ def key_matches(key: str, name: str) -> bool:
         moved = [s.out for s in current.values() if s.test is not None and s.test(c)]
         if c == ".":
             moved.append(start)  # (.*\.)? may end here
-        _closure(moved, pos + 1, n, nxt)
+        steps = _closure(moved, pos + 1, n, nxt)
         current = nxt
+        if budget is not None:
+            budget.spend(4 * (steps + 1))
     return id(accept) in current
