@@ -147,6 +147,20 @@ def test_bad_config_names_the_key(tmp_path, override, message):
         tiny_config(tmp_path, override)
 
 
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["federation.method=hetlora-cho", "federation.hetlora_gamma=1.0"], "hetlora_\\*: gamma must lie"),
+        (["federation.method=hetlora-cho", "federation.engine=flower"], "hetlora-cho's client regulariser"),
+        (["data.eval_on=validation"], "data.eval_on: 'validation' needs data.num_validation"),
+        (["data.eval_on=test"], "data.eval_on: 'test' is not one of"),
+    ],
+)
+def test_new_study_keys_are_checked(tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        tiny_config(tmp_path, *overrides)
+
+
 def test_fedavg_refuses_heterogeneous_ranks_before_loading_anything(tmp_path):
     with pytest.raises(ConfigError, match="federation.distribution: fedavg needs one rank"):
         tiny_config(tmp_path, "federation.method=fedavg", "federation.distribution=uniform")
