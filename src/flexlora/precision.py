@@ -49,8 +49,9 @@ def bf16_native(device: torch.device) -> bool:
     return False
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``fp32`` or ``bf16``: ``precision`` itself, or for ``auto`` what :func:`bf16_native` allows.
+def resolve_precision(precision: str, device: torch.device | str) -> str:
+    """``fp32`` or ``bf16``: ``precision`` itself, or for ``auto`` what :func:`bf16_native` allows on
+    ``device`` (``"auto"``: CUDA when available, else the CPU, as :func:`flexlora.models.load_model`).
 
     Raises:
         ValueError: ``precision`` is not one of :data:`PRECISIONS`.
@@ -58,7 +59,9 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision == "auto":
-        return "bf16" if bf16_native(device) else "fp32"
+        if str(device) == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        return "bf16" if bf16_native(torch.device(device)) else "fp32"
     return precision
 
 
