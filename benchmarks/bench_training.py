@@ -113,6 +113,19 @@ def ours(model, tokenizer, examples, steps: int, seed: int, **options) -> tuple[
         host.unload()
 
 
+def profile(model, tokenizer, examples, seed: int, top: int = 12) -> list[dict]:
+    """Where one step of ``optimise`` (fp32) spends its CPU time: the ``top`` operators by self time."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    ours(model, tokenizer, examples, 1, seed)  # warm-up
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        ours(model, tokenizer, examples, 1, seed)
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    return [{"op": e.key, "share": e.self_cpu_time_total / total, "calls": e.count} for e in events[:top]]
+
+
 def old_evaluate(model, tokenizer, examples, cfg) -> list[str]:
     """Generation as before this benchmark's commit: ``model.generate`` on left-padded prompts (the
     teacher-forced pass, unchanged, is timed with it through ``evaluate_examples(generate=False)``)."""
@@ -173,6 +186,7 @@ def main() -> None:
     p.add_argument("--bf16-steps", type=int, default=2, help="timed steps per bf16 configuration (0: none)")
     p.add_argument("--eval-clients", type=int, default=12, help="held-out clients x 2 examples (0: none)")
     p.add_argument("--eval-bf16", action="store_true", help="also evaluate in bf16")
+    p.add_argument("--profile", action="store_true", help="profile one step of our fp32 path")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, help="append the result as one JSON line")
     args = p.parse_args()
@@ -231,6 +245,9 @@ def main() -> None:
         ).stdout.strip(),
         "training": rows,
     }
+    if args.profile:
+        result["profile"] = profile(model, tokenizer, examples, args.seed)
+        print(json.dumps(result["profile"]), flush=True)
     if args.eval_clients:
         result["evaluation"] = evaluation(
             model, tokenizer, held, ["fp32"] + (["bf16"] if args.eval_bf16 else [])

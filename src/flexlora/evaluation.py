@@ -200,15 +200,15 @@ def _greedy(
     at its eos, so finished rows cost nothing.
 
     Returns:
-        ``(tokens, fed)``: per row its new tokens (through its eos, at most ``cfg.max_new_tokens``), and the
-        number of tokens fed through the model.
+        Per row its new tokens (through its eos, at most ``cfg.max_new_tokens``); all but the last went
+        through the model.
     """
     width = cache.get_seq_length()
     device = first.device
     out: list[list[int]] = [[] for _ in range(len(first))]
     alive = torch.arange(len(first), device=device)
     mask = (torch.arange(width, device=device)[None] < lengths[:, None]).long()  # (b, width)
-    token, fed = first, 0
+    token = first
     for step in range(cfg.max_new_tokens):
         for row, t in zip(alive.tolist(), token.tolist(), strict=True):
             out[row].append(t)
@@ -227,8 +227,8 @@ def _greedy(
                 cache=cache,
                 use_cache=True,
             ).logits[:, -1]
-        token, fed = logits.argmax(dim=-1), fed + len(alive)
-    return out, fed
+        token = logits.argmax(dim=-1)
+    return out
 
 
 @torch.inference_mode()
@@ -245,9 +245,7 @@ def _prefill(model, prompts: Sequence[Sequence[int]], pad_id: int, precision: st
     mask = (torch.arange(ids.shape[1], device=device)[None] < lengths[:, None]).long()
     cache = DynamicCache(config=model.config)
     with autocast(precision, device):
-        hidden = model.get_decoder()(
-            input_ids=ids, attention_mask=mask, cache=cache, use_cache=True
-        )
+        hidden = model.get_decoder()(input_ids=ids, attention_mask=mask, cache=cache, use_cache=True)
         last = hidden.last_hidden_state[torch.arange(len(prompts), device=device), lengths - 1]
         first = model.get_output_embeddings()(last).argmax(dim=-1)
     return cache, lengths, first
@@ -263,6 +261,8 @@ def _score(model, tokenizer, examples: Sequence[Example], cfg: EvalConfig) -> li
     pass's keys and values instead of running the prompt again, and its first token is the argmax already
     computed there; the other examples' prompts are run on their own, in batches of their own.
     """
+    from transformers import DynamicCache
+
     device = model_device(model)
     precision = resolve_precision(cfg.precision, device)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
@@ -274,19 +274,14 @@ def _score(model, tokenizer, examples: Sequence[Example], cfg: EvalConfig) -> li
         for ex in examples
     ]
     shared = [
-        p is not None and e["input_ids"][: _prompt_length(e)] == p
-        for e, p in zip(encoded, prompts, strict=True)
+        bool(p) and e["input_ids"][: _prompt_length(e)] == p for e, p in zip(encoded, prompts, strict=True)
     ]
     rows = [{"loss": float("nan"), "argmax": "", "new": None, "tokens": 0} for _ in examples]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]["input_ids"]))
     for idx in _batches(order, cfg.batch_size):
         batch = {k: v.to(device) for k, v in collate([encoded[i] for i in idx], pad).items()}
         reuse = [j for j, i in enumerate(idx) if shared[i]]
-        cache = None
-        if reuse:
-            from transformers import DynamicCache
-
-            cache = DynamicCache(config=model.config)
+        cache = DynamicCache(config=model.config) if reuse else None
         with autocast(precision, device):
             logits, targets = response_logits(
                 model, batch["input_ids"], batch["attention_mask"], batch["labels"], cache
@@ -306,7 +301,7 @@ def _score(model, tokenizer, examples: Sequence[Example], cfg: EvalConfig) -> li
             cache.crop(int(lengths.max()) - cache.get_seq_length())  # keep the prompt columns
             cache.batch_select_indices(torch.tensor(reuse, device=device))
             first = torch.stack([argmax[j][0] for j in reuse])
-            new, _ = _greedy(model, cache, lengths, first, cfg, eos, precision)
+            new = _greedy(model, cache, lengths, first, cfg, eos, precision)
             for j, ids in zip(reuse, new, strict=True):
                 rows[idx[j]]["new"] = ids
                 rows[idx[j]]["tokens"] += len(ids) - 1
@@ -315,7 +310,7 @@ def _score(model, tokenizer, examples: Sequence[Example], cfg: EvalConfig) -> li
     )
     for idx in _batches(alone, cfg.batch_size):
         cache, lengths, first = _prefill(model, [prompts[i] for i in idx], pad, precision)
-        new, _ = _greedy(model, cache, lengths, first, cfg, eos, precision)
+        new = _greedy(model, cache, lengths, first, cfg, eos, precision)
         for i, ids in zip(idx, new, strict=True):
             rows[i]["new"] = ids
             rows[i]["tokens"] += len(prompts[i]) + len(ids) - 1
