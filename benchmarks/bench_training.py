@@ -192,6 +192,7 @@ def main() -> None:
     args = p.parse_args()
 
     from flexlora.models import load_model
+    from flexlora.precision import bf16_native
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -226,19 +227,10 @@ def main() -> None:
         args.steps,
         True,
     )
-    if args.bf16_steps:
-        n = args.bf16_steps
-        plain = _batches(tokenizer, examples, n, args.seed, group=False)
-        row("plain PEFT bf16 autocast", plain_peft(model, plain, bf16=True), n)
-        row(
-            "flexlora bf16 + group_by_length",
-            ours(model, tokenizer, examples, n, args.seed, precision="bf16", group_by_length=True),
-            n,
-            True,
-        )
     result = {
         "threads": args.threads,
-        "cpu_bf16": torch.backends.cpu.get_cpu_capability(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "bf16_native": bf16_native(torch.device("cpu")),
         "machine": platform.processor() or platform.machine(),
         "commit": subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
@@ -253,6 +245,16 @@ def main() -> None:
             model, tokenizer, held, ["fp32"] + (["bf16"] if args.eval_bf16 else [])
         )
         print(json.dumps(result["evaluation"]), flush=True)
+    if args.bf16_steps:  # last: on a CPU without bf16 units these are the slow ones
+        n = args.bf16_steps
+        plain = _batches(tokenizer, examples, n, args.seed, group=False)
+        row("plain PEFT bf16 autocast", plain_peft(model, plain, bf16=True), n)
+        row(
+            "flexlora bf16 + group_by_length",
+            ours(model, tokenizer, examples, n, args.seed, precision="bf16", group_by_length=True),
+            n,
+            True,
+        )
     if args.json:
         with args.json.open("a") as f:
             f.write(json.dumps(result) + "\n")
