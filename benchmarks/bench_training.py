@@ -159,6 +159,8 @@ def evaluation(model, tokenizer, examples, precisions: list[str]) -> dict:
     from flexlora.evaluation import EvalConfig, evaluate_examples
 
     cfg = EvalConfig(batch_size=8, max_new_tokens=32, max_length=192)
+    evaluate_examples(model, tokenizer, examples[:1], cfg)  # warm-up of both paths
+    old_evaluate(model, tokenizer, examples[:1], cfg)
     start = _clock()
     forced = evaluate_examples(model, tokenizer, examples, EvalConfig(**{**vars(cfg), "generate": False}))
     before_texts = old_evaluate(model, tokenizer, examples, cfg)
@@ -187,6 +189,7 @@ def main() -> None:
     p.add_argument("--eval-clients", type=int, default=12, help="held-out clients x 2 examples (0: none)")
     p.add_argument("--eval-bf16", action="store_true", help="also evaluate in bf16")
     p.add_argument("--profile", action="store_true", help="profile one step of our fp32 path")
+    p.add_argument("--model", default="smollm2", help="smollm2, or tiny for a smoke test")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, help="append the result as one JSON line")
     args = p.parse_args()
@@ -196,7 +199,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    model, tokenizer = load_model("smollm2", device="cpu")
+    model, tokenizer = load_model(args.model, device="cpu")
     examples, held = _data(args.seed, args.eval_clients)
     rows = []
 
