@@ -125,6 +125,60 @@ def test_scores_match_hand_computation(tiny):
         assert row["rougeL_unstemmed"] == rouge_l_unstemmed(row["prediction"], ex.output)
 
 
+def hf_generate(model, tok, prompt, cfg):
+    """One prompt through ``model.generate`` (greedy, KV cache), cut at its eos: the reference."""
+    out = model.generate(
+        input_ids=torch.tensor([prompt]),
+        attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+        max_new_tokens=cfg.max_new_tokens,
+        do_sample=False,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )[0, len(prompt) :].tolist()
+    return tok.decode(
+        out[: out.index(tok.eos_token_id)] if tok.eos_token_id in out else out, skip_special_tokens=True
+    )
+
+
+def test_batched_generation_equals_one_by_one_whether_or_not_it_reuses_the_teacher_forced_pass(tiny):
+    """Short prompts continue from the teacher-forced pass's cache, trimmed ones are prefilled alone; both
+    give, batched and right-padded, the tokens ``model.generate`` gives for each prompt alone."""
+    model, tok = tiny
+    cfg = EvalConfig(batch_size=4, max_new_tokens=8, max_length=260)  # the prompt alone is 212 + n tokens
+    examples = [Example("Say it.", "x" * n, "y" * (n % 5 + 1)) for n in (1, 3, 9, 17, 30, 44, 2, 60, 90)]
+    shared = []
+    for ex in examples:
+        enc = encode_example(tok, ex, cfg.max_length)
+        n_prompt = enc["labels"].count(-100)
+        shared.append(
+            enc["input_ids"][:n_prompt] == encode_prompt(tok, ex, cfg.max_length - cfg.max_new_tokens)
+        )
+    assert any(shared) and not all(shared)
+    rows = evaluate_examples(model, tok, examples, cfg)
+    alone = evaluate_examples(model, tok, examples, EvalConfig(**{**vars(cfg), "batch_size": 1}))
+    for ex, row, one in zip(examples, rows, alone, strict=True):
+        prompt = encode_prompt(tok, ex, cfg.max_length - cfg.max_new_tokens)
+        assert row["prediction"] == one["prediction"] == hf_generate(model, tok, prompt, cfg).strip()
+        assert row["loss"] == pytest.approx(one["loss"], rel=1e-5)
+
+
+def test_tokens_count_what_went_through_the_model_and_bf16_scores_close(tiny):
+    model, tok = tiny
+    examples = [ex for c in CLIENTS for ex in c.test]
+    cfg = EvalConfig(**{**vars(CFG), "generate": False})
+    rows = evaluate_examples(model, tok, examples, cfg)
+    assert [r["tokens"] for r in rows] == [
+        len(encode_example(tok, ex, CFG.max_length)["input_ids"]) for ex in examples
+    ]
+    out = evaluate_clients(model, tok, CLIENTS, cfg=CFG)
+    generated = evaluate_examples(model, tok, examples, CFG)
+    assert out["tokens"] == sum(r["tokens"] for r in generated) > sum(r["tokens"] for r in rows)
+    bf16 = evaluate_clients(model, tok, CLIENTS, cfg=EvalConfig(**{**vars(CFG), "precision": "bf16"}))
+    assert bf16["loss"] == pytest.approx(out["loss"], rel=0.05)
+    with pytest.raises(ValueError, match="precision must be one of fp32, bf16, auto"):
+        EvalConfig(precision="half")
+
+
 def test_summary_weights_examples_and_groups_categories(tiny):
     model, tok = tiny
     out = evaluate_clients(model, tok, CLIENTS, cfg=EvalConfig(**{**CFG.__dict__, "per_example": True}))

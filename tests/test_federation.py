@@ -88,6 +88,28 @@ def test_run_dir_records_config_versions_and_spectrum(tmp_path):
     assert spectrum["q_proj"][0] >= spectrum["q_proj"][1] >= 0
 
 
+def test_rounds_record_tokens_and_the_run_its_resolved_precision(tmp_path):
+    from flexlora.precision import resolve_precision
+
+    cfg = tiny_config(
+        tmp_path,
+        "federation.eval_every=2",
+        "train.precision=auto",
+        "train.group_by_length=true",
+        "eval.precision=bf16",
+    )
+    result = run_federation(cfg, progress=False)
+    info = json.loads((result.run_dir / "run.json").read_text())
+    assert info["precision"] == {"train": resolve_precision("auto", "cpu"), "eval": "bf16"}
+    saved = load_config(result.run_dir / "config.yaml")
+    assert saved.train.precision == "auto" and saved.train.group_by_length and saved.eval.precision == "bf16"
+    first, second = result.metrics[1:]
+    for m in (first, second):  # 3 clients x 2 steps x 2 examples of at most 48 tokens
+        assert 0 < m["train_tokens"] <= 3 * 2 * 2 * 48 and isinstance(m["train_tokens"], int)
+    assert first["eval_tokens"] == 0 and "eval" not in first  # no evaluation in round 1
+    assert second["eval_tokens"] == second["eval"]["tokens"] > 0
+
+
 def test_resume_after_interruption_gives_identical_weights(tmp_path, monkeypatch):
     straight = run_federation(tiny_config(tmp_path, "federation.rounds=3", name="straight"), progress=False)
     real = Federation.run_round

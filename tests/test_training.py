@@ -9,7 +9,8 @@ from flexlora.core.lora import LoraFactors
 from flexlora.data.examples import ClientData, ClientInfo, Example
 from flexlora.engines.jobs import TrainJob
 from flexlora.models import ALL_PROJECTIONS, LoraHost, load_model
-from flexlora.training import TrainConfig, batch_order, run_train_job
+from flexlora.prompts import collate, encode_example
+from flexlora.training import LENGTH_WINDOW, TrainConfig, batch_order, group_by_length, run_train_job
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -92,6 +93,70 @@ def test_batch_order_is_full_seeded_and_covers_each_pass():
     assert order == batch_order(7, 3, 7, torch.Generator().manual_seed(1))
     assert order != batch_order(7, 3, 7, torch.Generator().manual_seed(2))
     assert batch_order(2, 4, 1, torch.Generator().manual_seed(0))[0].count(0) == 2  # n < batch: repeats
+
+
+def test_group_by_length_is_seeded_and_a_permutation_of_each_window():
+    lengths = [5, 40, 7, 33, 12, 3, 28, 9, 50, 1]
+    batches = batch_order(10, 2, 2 * LENGTH_WINDOW + 3, torch.Generator().manual_seed(4))
+    grouped = group_by_length(batches, lengths, torch.Generator().manual_seed(9))
+    assert grouped == group_by_length(batches, lengths, torch.Generator().manual_seed(9))
+    assert [len(b) for b in grouped] == [len(b) for b in batches]
+    for start in range(0, len(batches), LENGTH_WINDOW):  # the same examples, window by window
+        window = slice(start, start + LENGTH_WINDOW)
+        assert sorted(i for b in grouped[window] for i in b) == sorted(i for b in batches[window] for i in b)
+
+    def padding(order):
+        return sum(len(b) * max(lengths[i] for i in b) - sum(lengths[i] for i in b) for b in order)
+
+    assert padding(grouped) < padding(batches) / 2
+
+
+@pytest.mark.parametrize("config", ["group", "bf16"])
+def test_grouping_and_bf16_train_the_same_examples_as_the_default(tiny, host, config):
+    """One window covers the round, so grouping reorders the same examples: the non-padding token count is
+    the one of the plain batches; bf16 autocast keeps float32 factors and a loss close to float32's."""
+    _, tok = tiny
+    cfg = TrainConfig(steps=3, batch_size=2, lr=5e-3, max_length=64)
+    other = {"group": {"group_by_length": True}, "bf16": {"precision": "bf16"}}[config]
+    init = init_factors(host)
+    plain = run_train_job(host, tok, DATA, TrainJob("c1", 1, 3, init), cfg)
+    result = run_train_job(host, tok, DATA, TrainJob("c1", 1, 3, init), TrainConfig(**{**vars(cfg), **other}))
+    batches = batch_order(len(WORDS), 2, 3, torch.Generator().manual_seed(3))
+    lengths = [len(encode_example(tok, ex, 64)["input_ids"]) for ex in DATA.train]
+    assert plain.metrics["tokens"] == result.metrics["tokens"] == sum(lengths[i] for b in batches for i in b)
+    assert all(f.A.dtype == f.B.dtype == torch.float32 for f in result.update.modules.values())
+    assert result.metrics["train_loss"] == pytest.approx(plain.metrics["train_loss"], rel=0.05)
+
+
+def test_label_position_loss_and_gradients_equal_the_full_logits_loss(tiny, host):
+    """The training loss (lm_head at the labelled positions only) and its LoRA gradients equal those of the
+    model's own full-logits loss on a right-padded batch, in float32."""
+    from flexlora.models import response_logits
+
+    model, tok = tiny
+    batch = collate([encode_example(tok, ex, 64) for ex in DATA.train[:3]], tok.pad_token_id)
+    init = init_factors(host)
+    init = {n: LoraFactors(f.A, torch.randn_like(f.B) * 0.1, f.alpha) for n, f in init.items()}
+    host.load(init)
+    try:
+        params = host.trainable_parameters()
+        full = model(**batch).loss
+        full_grads = torch.autograd.grad(full, params)
+        logits, targets = response_logits(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        ours = torch.nn.functional.cross_entropy(logits, targets)
+        our_grads = torch.autograd.grad(ours, params)
+    finally:
+        host.unload()
+    assert ours.item() == pytest.approx(full.item(), rel=1e-6)
+    for a, b in zip(full_grads, our_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_precision_is_checked():
+    with pytest.raises(ValueError, match="precision must be one of fp32, bf16, auto, got 'fp16'"):
+        TrainConfig(precision="fp16")
+    with pytest.raises(ValueError, match="group_by_length must be true or false"):
+        TrainConfig(group_by_length="yes")
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -21,13 +21,13 @@ import torch.nn.functional as F
 
 from flexlora.data.examples import ClientData, Example
 from flexlora.models import model_device, response_logits
+from flexlora.precision import PRECISIONS, autocast, resolve_precision
 from flexlora.progress import advance
 from flexlora.prompts import (
     DEFAULT_TEMPLATE,
     IGNORE_INDEX,
     TEMPLATES,
     collate,
-    collate_prompts,
     encode_example,
     encode_prompt,
 )
@@ -51,6 +51,8 @@ class EvalConfig:
         per_example: also return every example's scores (for paired comparisons).
         generate_final_only: with ``generate``, a federation generates (``rougeL``) at its last round only;
             earlier evaluations take the loss and ``tf_argmax_rougeL`` (generation is the slow part).
+        precision: ``fp32`` (default; the scores of every committed result), ``bf16`` (autocast) or
+            ``auto``, as ``train.precision`` (:mod:`flexlora.precision`).
 
     Raises:
         ValueError: every invalid field at once, each named with its value.
@@ -64,6 +66,7 @@ class EvalConfig:
     max_length: int = 256
     per_example: bool = False
     generate_final_only: bool = False
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         errors = []
@@ -85,6 +88,8 @@ class EvalConfig:
             )
         if self.template not in TEMPLATES:
             errors.append(f"template must be one of {', '.join(TEMPLATES)}, got {self.template!r}")
+        if self.precision not in PRECISIONS:
+            errors.append(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if errors:
             raise ValueError("invalid EvalConfig: " + "; ".join(errors))
 
@@ -95,60 +100,143 @@ def _batches(order: Sequence[int], size: int) -> Iterable[list[int]]:
         advance(len(order[i : i + size]))  # the command's progress bar, if any
 
 
+def _prompt_length(encoded: dict[str, list[int]]) -> int:
+    """Leading unlabelled tokens of an encoded example: its prompt."""
+    return next((j for j, label in enumerate(encoded["labels"]) if label != IGNORE_INDEX), 0)
+
+
 @torch.inference_mode()
-def _teacher_forced(
-    model, tokenizer, examples: Sequence[Example], cfg: EvalConfig
-) -> list[tuple[float, str]]:
-    """Per example: (mean response-token loss, decoded argmax of the logits at the response positions)."""
-    device = model_device(model)
-    encoded = [encode_example(tokenizer, ex, cfg.max_length, "response", cfg.template) for ex in examples]
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]["input_ids"]))  # less padding
-    out: list[tuple[float, str]] = [(0.0, "")] * len(encoded)
-    for idx in _batches(order, cfg.batch_size):
-        batch = {
-            k: v.to(device) for k, v in collate([encoded[i] for i in idx], tokenizer.pad_token_id).items()
-        }
-        logits, targets = response_logits(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
-        counts = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(dim=1).tolist()  # rows are contiguous in logits
-        token_loss = F.cross_entropy(logits, targets, reduction="none").split(counts)
-        argmax = logits.argmax(dim=-1).split(counts)
-        for i, loss, pred in zip(idx, token_loss, argmax, strict=True):
-            text = tokenizer.decode(pred.tolist(), skip_special_tokens=True).strip()
-            out[i] = (loss.mean().item() if len(loss) else float("nan"), text)
+def _greedy(
+    model, cache, lengths: torch.Tensor, first: torch.Tensor, cfg: EvalConfig, eos: int, precision: str
+):
+    """Greedy continuation of ``b`` right-padded prompts whose keys and values fill ``cache``.
+
+    Row ``i``'s prompt occupies columns ``[0, lengths[i])`` of the cache (columns up to the cache's width
+    beyond it are masked out); ``first[i]`` is its first new token (the argmax at position ``lengths[i] - 1``).
+    New token ``s`` of row ``i`` sits at position ``lengths[i] + s``. A row leaves the batch (and the cache)
+    at its eos, so finished rows cost nothing.
+
+    Returns:
+        Per row its new tokens (through its eos, at most ``cfg.max_new_tokens``); all but the last went
+        through the model.
+    """
+    width = cache.get_seq_length()
+    device = first.device
+    out: list[list[int]] = [[] for _ in range(len(first))]
+    alive = torch.arange(len(first), device=device)
+    mask = (torch.arange(width, device=device)[None] < lengths[:, None]).long()  # (b, width)
+    token = first
+    for step in range(cfg.max_new_tokens):
+        for row, t in zip(alive.tolist(), token.tolist(), strict=True):
+            out[row].append(t)
+        keep = token != eos
+        if step == cfg.max_new_tokens - 1 or not keep.any():
+            break
+        if not keep.all():
+            alive, token, lengths, mask = alive[keep], token[keep], lengths[keep], mask[keep]
+            cache.batch_select_indices(keep.nonzero().squeeze(1))
+        mask = torch.cat([mask, mask.new_ones(len(alive), 1)], dim=1)
+        with autocast(precision, device):
+            logits = model(
+                input_ids=token[:, None],
+                attention_mask=mask,
+                position_ids=(lengths + step)[:, None],
+                cache=cache,
+                use_cache=True,
+            ).logits[:, -1]
+        token = logits.argmax(dim=-1)
     return out
 
 
 @torch.inference_mode()
-def _generate(model, tokenizer, examples: Sequence[Example], cfg: EvalConfig) -> list[str]:
-    """Greedy generations, batched with left padding, each cut at its first eos."""
-    from transformers import GenerationConfig
+def _prefill(model, prompts: Sequence[Sequence[int]], pad_id: int, precision: str):
+    """Run right-padded ``prompts`` into a new cache; return ``(cache, lengths, first new tokens)``."""
+    from transformers import DynamicCache
 
     device = model_device(model)
-    eos = tokenizer.eos_token_id
-    gen_config = GenerationConfig(
-        max_new_tokens=cfg.max_new_tokens,
-        do_sample=False,
-        num_beams=1,
-        eos_token_id=eos,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    ids = torch.full((len(prompts), int(lengths.max())), pad_id, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, : len(prompt)] = torch.tensor(list(prompt), dtype=torch.long)
+    ids = ids.to(device)
+    mask = (torch.arange(ids.shape[1], device=device)[None] < lengths[:, None]).long()
+    cache = DynamicCache(config=model.config)
+    with autocast(precision, device):
+        hidden = model.get_decoder()(input_ids=ids, attention_mask=mask, cache=cache, use_cache=True)
+        last = hidden.last_hidden_state[torch.arange(len(prompts), device=device), lengths - 1]
+        first = model.get_output_embeddings()(last).argmax(dim=-1)
+    return cache, lengths, first
+
+
+@torch.inference_mode()
+def _score(model, tokenizer, examples: Sequence[Example], cfg: EvalConfig) -> list[dict]:
+    """Per example: mean response-token loss, decoded argmax of the teacher-forced logits at the response
+    positions, the greedy generation (``None`` without ``cfg.generate``) and the tokens it cost.
+
+    Batches are sorted by length (less padding). When an example's generation prompt is exactly the prompt
+    of its teacher-forced sequence (neither was trimmed), generation continues from the teacher-forced
+    pass's keys and values instead of running the prompt again, and its first token is the argmax already
+    computed there; the other examples' prompts are run on their own, in batches of their own.
+    """
+    from transformers import DynamicCache
+
+    device = model_device(model)
+    precision = resolve_precision(cfg.precision, device)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    encoded = [encode_example(tokenizer, ex, cfg.max_length, "response", cfg.template) for ex in examples]
     prompts = [
-        encode_prompt(tokenizer, ex, cfg.max_length - cfg.max_new_tokens, cfg.template) for ex in examples
+        encode_prompt(tokenizer, ex, cfg.max_length - cfg.max_new_tokens, cfg.template)
+        if cfg.generate
+        else None
+        for ex in examples
     ]
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    texts = [""] * len(prompts)
+    shared = [
+        bool(p) and e["input_ids"][: _prompt_length(e)] == p for e, p in zip(encoded, prompts, strict=True)
+    ]
+    rows = [{"loss": float("nan"), "argmax": "", "new": None, "tokens": 0} for _ in examples]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]["input_ids"]))
     for idx in _batches(order, cfg.batch_size):
-        batch = {
-            k: v.to(device)
-            for k, v in collate_prompts([prompts[i] for i in idx], tokenizer.pad_token_id).items()
-        }
-        output = model.generate(**batch, generation_config=gen_config)
-        new = output[:, batch["input_ids"].shape[1] :].tolist()  # (b, <= max_new_tokens)
+        batch = {k: v.to(device) for k, v in collate([encoded[i] for i in idx], pad).items()}
+        reuse = [j for j, i in enumerate(idx) if shared[i]]
+        cache = DynamicCache(config=model.config) if reuse else None
+        with autocast(precision, device):
+            logits, targets = response_logits(
+                model, batch["input_ids"], batch["attention_mask"], batch["labels"], cache
+            )
+        logits = logits.float()
+        counts = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(dim=1).tolist()  # rows are contiguous in logits
+        token_loss = F.cross_entropy(logits, targets, reduction="none").split(counts)
+        argmax = logits.argmax(dim=-1).split(counts)
+        for i, loss, pred, n in zip(
+            idx, token_loss, argmax, batch["attention_mask"].sum(1).tolist(), strict=True
+        ):
+            rows[i]["loss"] = loss.mean().item() if len(loss) else float("nan")
+            rows[i]["argmax"] = tokenizer.decode(pred.tolist(), skip_special_tokens=True).strip()
+            rows[i]["tokens"] = n
+        if reuse:
+            lengths = torch.tensor([_prompt_length(encoded[idx[j]]) for j in reuse], device=device)
+            cache.crop(int(lengths.max()) - cache.get_seq_length())  # keep the prompt columns
+            cache.batch_select_indices(torch.tensor(reuse, device=device))
+            first = torch.stack([argmax[j][0] for j in reuse])
+            new = _greedy(model, cache, lengths, first, cfg, eos, precision)
+            for j, ids in zip(reuse, new, strict=True):
+                rows[idx[j]]["new"] = ids
+                rows[idx[j]]["tokens"] += len(ids) - 1
+    alone = sorted(
+        (i for i in range(len(examples)) if cfg.generate and not shared[i]), key=lambda i: len(prompts[i])
+    )
+    for idx in _batches(alone, cfg.batch_size):
+        cache, lengths, first = _prefill(model, [prompts[i] for i in idx], pad, precision)
+        new = _greedy(model, cache, lengths, first, cfg, eos, precision)
         for i, ids in zip(idx, new, strict=True):
-            if eos in ids:
-                ids = ids[: ids.index(eos)]
-            texts[i] = tokenizer.decode(ids, skip_special_tokens=True).strip()
-    return texts
+            rows[i]["new"] = ids
+            rows[i]["tokens"] += len(prompts[i]) + len(ids) - 1
+    for row in rows:
+        ids = row.pop("new")
+        if ids is not None and eos in ids:
+            ids = ids[: ids.index(eos)]
+        row["prediction"] = None if ids is None else tokenizer.decode(ids, skip_special_tokens=True).strip()
+    return rows
 
 
 def evaluate_examples(
@@ -164,23 +252,26 @@ def evaluate_examples(
 
     Returns:
         One dict per example, in order: ``loss``, ``rougeL``, ``rougeL_unstemmed`` (both ``None`` without
-        generation), ``tf_argmax_rougeL``, ``prediction`` (the generation, or ``None``).
+        generation), ``tf_argmax_rougeL``, ``prediction`` (the generation, or ``None``), ``tokens`` (tokens
+        it fed through the model: its teacher-forced sequence, its prompt when generation could not reuse
+        that pass, and all but the last of its new tokens).
     """
     cfg = cfg or EvalConfig()
     was_training = model.training
     model.eval()
     try:
-        forced = _teacher_forced(model, tokenizer, examples, cfg)
-        generated = _generate(model, tokenizer, examples, cfg) if cfg.generate else [None] * len(examples)
+        scored = _score(model, tokenizer, examples, cfg)
     finally:
         model.train(was_training)
     results = []
-    for ex, (loss, argmax_text), text in zip(examples, forced, generated, strict=True):
+    for ex, row in zip(examples, scored, strict=True):
+        text = row["prediction"]
         results.append(
             {
-                "loss": loss,
-                **rouge_scores(text, argmax_text, ex.output),
+                "loss": row["loss"],
+                **rouge_scores(text, row["argmax"], ex.output),
                 "prediction": text,
+                "tokens": row["tokens"],
             }
         )
     return results
@@ -209,8 +300,8 @@ def evaluate_clients(
 
     Returns:
         ``{"rougeL", "rougeL_unstemmed", "loss", "tf_argmax_rougeL", "num_examples", "num_clients",
-        "per_category", "per_client", "seconds"}``: means over examples (the generated Rouge-L metrics are
-        ``None`` when ``cfg.generate`` is off);
+        "per_category", "per_client", "seconds", "tokens"}``: means over examples (the generated Rouge-L
+        metrics are ``None`` when ``cfg.generate`` is off);
         ``per_category`` maps each category (the example's, else its client's) and ``per_client`` each client id
         to the same means and ``num_examples`` (paired tests over clients need the latter). With
         ``cfg.per_example``, also ``"per_example"``: one dict per example with ``client_id``, ``category``,
@@ -244,6 +335,7 @@ def evaluate_clients(
     result["per_category"] = {cat: _summary(group) for cat, group in sorted(by_category.items())}
     result["per_client"] = {cid: _summary(group) for cid, group in by_client.items()}
     result["seconds"] = time.perf_counter() - start
+    result["tokens"] = sum(row["tokens"] for row in rows)  # fed through the model
     if cfg.per_example:
         result["per_example"] = rows
     return result

@@ -272,6 +272,8 @@ class Federation:
             "attempts": attempt + 1,
             "train_loss": _weighted_mean(results, "train_loss"),
             "train_steps": sum(r.metrics.get("steps", 0) for r in results),
+            "train_tokens": int(sum(r.metrics.get("tokens", 0) for r in results)),  # non-padding
+            "eval_tokens": 0,
         }
         if new_global.info:
             metrics["aggregation"] = dict(new_global.info)  # clipping and noise of a robust / private rule
@@ -283,6 +285,9 @@ class Federation:
             final = round_ == self.plan.rounds and self.final_evaluate is not None
             evaluate = self.final_evaluate if final else self.evaluate
             metrics["eval"] = evaluate(exact_factors(new_global, self.plan.alpha, self.plan.use_rslora))
+            metrics["eval_tokens"] = sum(
+                e.get("tokens", 0) for e in (metrics["eval"], metrics["eval"].get("trained", {}))
+            )
         t_eval = time.perf_counter()
         metrics["spectrum"] = spectrum_summary(new_global, self.plan)
         sent, received = (self.sparse_stage if sparse else self.engine).bytes_moved()

@@ -330,7 +330,11 @@ def target_module_shapes(
 
 
 def response_logits(
-    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    labels: torch.Tensor,
+    cache=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits only where a token is predicted for a label, with the usual causal shift.
 
@@ -344,12 +348,16 @@ def response_logits(
         attention_mask: ``(b, t)``.
         labels: ``(b, t)``; ``-100`` where no loss is taken; ``labels[:, i]`` is the target at position ``i``
             (predicted from position ``i - 1``).
+        cache: a ``transformers`` ``DynamicCache`` to fill with every position's keys and values (e.g. to
+            continue by generation from a prefix); ``None``: keep none.
 
     Returns:
         ``(logits, targets)``: ``(n, vocab)`` float logits and ``(n,)`` targets, for the ``n`` labelled
         positions in row-major order.
     """
-    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    hidden = model.get_decoder()(
+        input_ids=input_ids, attention_mask=attention_mask, cache=cache, use_cache=cache is not None
+    )
     hidden = hidden.last_hidden_state  # (b, t, h)
     targets = labels[:, 1:]  # (b, t-1): position i predicts token i+1
     keep = targets != -100

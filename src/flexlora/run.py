@@ -45,6 +45,7 @@ from flexlora.core.validation import UpdateLimits
 from flexlora.data import open_source
 from flexlora.data.splits import seeded_rng, split_clients, split_validation
 from flexlora.federation import Federation, FederationPlan
+from flexlora.precision import resolve_precision
 from flexlora.tracking import tracked
 
 __all__ = [
@@ -336,6 +337,10 @@ def run_federation(cfg: RunConfig, overwrite: bool = False, progress: bool = Tru
         "seed": cfg.federation.seed,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "argv": sys.argv,
+        "precision": {  # what train/eval.precision resolved to on this machine
+            "train": resolve_precision(cfg.train.precision, cfg.model.device),
+            "eval": resolve_precision(cfg.eval.precision, cfg.model.device),
+        },
         **environment(),
     }
     (run_dir / "run.json").write_text(json.dumps(info, indent=1) + "\n")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -22,14 +22,26 @@ from flexlora.core.lora import LoraUpdate
 from flexlora.data.examples import ClientData, Example
 from flexlora.engines.jobs import TrainJob, TrainResult
 from flexlora.models import LoraHost, model_device, response_logits
+from flexlora.precision import PRECISIONS, autocast, resolve_precision
 from flexlora.prompts import DEFAULT_TEMPLATE, IGNORE_INDEX, LOSS_ON, TEMPLATES, collate, encode_example
 
-__all__ = ["OPTIMIZERS", "SCHEDULES", "TrainConfig", "batch_order", "optimise", "run_train_job"]
+__all__ = [
+    "LENGTH_WINDOW",
+    "OPTIMIZERS",
+    "SCHEDULES",
+    "TrainConfig",
+    "batch_order",
+    "group_by_length",
+    "optimise",
+    "run_train_job",
+]
 
 SCHEDULES: tuple[str, ...] = ("constant", "linear", "cosine")
 OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd")
 # our schedule name -> transformers.get_scheduler name (all with linear warmup from 0)
 _HF_SCHEDULES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
+#: consecutive batches whose examples :func:`group_by_length` regroups by length
+LENGTH_WINDOW = 16
 
 
 def _is_int(value: object) -> bool:
@@ -62,6 +74,12 @@ class TrainConfig:
         loss_on: ``response`` (loss on response tokens only) or ``all``.
         max_length: token budget per example (truncation policy in :mod:`flexlora.prompts`).
         template: prompt template, one of :data:`flexlora.prompts.TEMPLATES`.
+        precision: ``fp32`` (default: bit-identical to the results already committed, and the only fast
+            choice on a CPU without bfloat16 units), ``bf16`` (autocast, float32 master factors and
+            optimizer) or ``auto`` (``bf16`` where the hardware has it); see :mod:`flexlora.precision`.
+        group_by_length: regroup each window of :data:`LENGTH_WINDOW` batches so that examples of similar
+            length share a batch (less padding); the same examples in the same window, deterministic per
+            seed (see :func:`group_by_length`). Off by default: it changes which examples meet in a batch.
 
     Raises:
         ValueError: every invalid field at once, each named with its value.
@@ -80,6 +98,8 @@ class TrainConfig:
     loss_on: str = "response"
     max_length: int = 256
     template: str = DEFAULT_TEMPLATE
+    precision: str = "fp32"
+    group_by_length: bool = False
 
     def __post_init__(self) -> None:
         errors = []
@@ -113,9 +133,12 @@ class TrainConfig:
             ("optimizer", OPTIMIZERS),
             ("loss_on", LOSS_ON),
             ("template", TEMPLATES),
+            ("precision", PRECISIONS),
         ):
             if getattr(self, name) not in allowed:
                 errors.append(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if not isinstance(self.group_by_length, bool):
+            errors.append(f"group_by_length must be true or false, got {self.group_by_length!r}")
         if errors:
             raise ValueError("invalid TrainConfig: " + "; ".join(errors))
 
@@ -152,6 +175,41 @@ def batch_order(
     return [stream[i * batch_size : (i + 1) * batch_size] for i in range(num_batches)]
 
 
+def group_by_length(
+    batches: Sequence[Sequence[int]],
+    lengths: Sequence[int] | Mapping[int, int],
+    generator: torch.Generator,
+    window: int = LENGTH_WINDOW,
+) -> list[list[int]]:
+    """Regroup ``batches`` so that examples of similar length share a batch.
+
+    Each window of ``window`` consecutive batches is pooled, sorted by length (ties keep their order),
+    cut again into batches of the same sizes, and those batches are put in a random order drawn from
+    ``generator``. Every example stays in its window, so the result is a permutation of the same examples
+    per window and a function of (batches, lengths, generator state) only: methods that share a seed and the
+    data train on the same examples in the same steps.
+
+    Args:
+        batches: example indices per batch (e.g. from :func:`batch_order`).
+        lengths: token count of every example, indexed by example index.
+        generator: seeded generator for the order of the regrouped batches.
+        window: batches pooled per window.
+
+    Returns:
+        As many batches, of the same sizes, window by window.
+    """
+    out: list[list[int]] = []
+    for start in range(0, len(batches), window):
+        group = batches[start : start + window]
+        pooled = sorted((i for batch in group for i in batch), key=lambda i: lengths[i])
+        cut, begin = [], 0
+        for batch in group:
+            cut.append(pooled[begin : begin + len(batch)])
+            begin += len(batch)
+        out.extend(cut[j] for j in torch.randperm(len(cut), generator=generator).tolist())
+    return out
+
+
 def _optimizer(cfg: TrainConfig, params: Sequence[torch.nn.Parameter]) -> torch.optim.Optimizer:
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -170,7 +228,9 @@ def optimise(
 
     Batch order and dropout are seeded by ``seed`` under a forked RNG (the caller's RNG is untouched), so
     the same call gives bit-identical results on CPU. Each step takes ``grad_accum`` micro-batches and its
-    loss is the sum over the step's loss tokens divided by their count (equal to one big batch).
+    loss is the sum over the step's loss tokens divided by their count (equal to one big batch). Logits are
+    taken at the labelled positions only (:func:`flexlora.models.response_logits`); the forward pass runs at
+    ``cfg.precision`` and the loss in float32.
 
     Returns:
         ``train_loss`` (mean over steps), ``train_loss_last``, ``steps``, ``seconds``, ``tokens``
@@ -189,6 +249,7 @@ def optimise(
         return encoded[i]
 
     num_steps = cfg.num_steps(len(examples))
+    precision = resolve_precision(cfg.precision, device)
     was_training = model.training
     rng_devices = [device.index or 0] if device.type == "cuda" else []
     try:
@@ -196,6 +257,9 @@ def optimise(
             torch.manual_seed(seed)  # dropout
             generator = torch.Generator().manual_seed(seed)  # batch order
             batches = batch_order(len(examples), cfg.batch_size, num_steps * cfg.grad_accum, generator)
+            if cfg.group_by_length:
+                lengths = {i: len(example(i)["input_ids"]) for batch in batches for i in batch}
+                batches = group_by_length(batches, lengths, generator)
             optimizer = _optimizer(cfg, params)
             scheduler = get_scheduler(
                 _HF_SCHEDULES[cfg.schedule],
@@ -214,9 +278,10 @@ def optimise(
                 step_loss = 0.0
                 for batch in micro:
                     batch = {k: v.to(device) for k, v in batch.items()}
-                    logits, targets = response_logits(
-                        model, batch["input_ids"], batch["attention_mask"], batch["labels"]
-                    )  # (n, vocab), (n,)
+                    with autocast(precision, device):
+                        logits, targets = response_logits(
+                            model, batch["input_ids"], batch["attention_mask"], batch["labels"]
+                        )  # (n, vocab) float32, (n,)
                     loss = F.cross_entropy(logits, targets, reduction="sum") / max(step_tokens, 1)
                     loss.backward()
                     step_loss += loss.item()
