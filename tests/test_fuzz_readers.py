@@ -25,7 +25,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from flexlora.checkpoint import ServerState, load_checkpoint, save_checkpoint
+from flexlora.checkpoint import ServerState, _digest, load_checkpoint, save_checkpoint
 from flexlora.config import load_config  # imported here: the memory check then sees only what inputs cost
 from flexlora.core.adapter_io import read_adapter, write_adapter
 from flexlora.core.aggregators import GlobalState
@@ -59,6 +59,10 @@ def _report_and_memory():
 
 def _kind(message: str) -> str:
     for needle, kind in (
+        ("sha256", "hash mismatch"),
+        ("manifest.json says", "size mismatch"),
+        ("beyond the config", "round beyond config"),
+        ("does not match the config", "method mismatch"),
         ("truncated", "truncated"),
         ("header length", "header length"),
         ("not valid JSON", "bad JSON"),
@@ -339,6 +343,9 @@ def test_hostile_checkpoints(checkpoint_dir, server, cut, flips):
         for pos, mask in flips:
             data[pos % len(data)] ^= mask
         weights.write_bytes(bytes(data[: len(data) - cut % (len(data) + 1)] if cut % 3 == 0 else data))
+        if cut % 2 == 0:  # a consistent forgery half the time: the manifest then passes, the parsers decide
+            files = {n: _digest(tmp / "checkpoint" / n) for n in ("global.safetensors", "server.json")}
+            (tmp / "checkpoint" / "manifest.json").write_text(json.dumps({"format": 1, "files": files}))
         expect_refused_or_small(lambda p: load_checkpoint(p)[0].global_state.to_tensors(), tmp, "checkpoint")
     finally:
         shutil.rmtree(tmp)
