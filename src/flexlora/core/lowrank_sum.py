@@ -47,10 +47,9 @@ class LowRankSum:
         self._Bs.append(B)
         self._As.append(A)
         if choose_route(B.shape[0], A.shape[1], self.inner, self.route) == "dense":
-            self._dense = self._Bs[0] @ self._As[0]
-            for Bi, Ai in zip(self._Bs[1:], self._As[1:], strict=True):
-                self._dense.addmm_(Bi, Ai)
-            self._Bs, self._As = [], []
+            self._dense = self._Bs.pop() @ self._As.pop()
+            while self._Bs:  # each term freed as soon as it is folded
+                self._dense.addmm_(self._Bs.pop(), self._As.pop())
 
     def svd(self, top: int | None = None) -> SVDResult:
         """Thin SVD of the sum, at most ``min(R, d, k)`` triplets (``top`` if given).

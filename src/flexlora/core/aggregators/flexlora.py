@@ -83,5 +83,5 @@ class FlexLoRA(Aggregator):
         modules = {}
         for name in list(sums):
             U, S, Vh = sums.pop(name).svd(self.top)  # each sum freed once its SVD is taken
-            modules[name] = LowRank(U * (S / total), Vh)  # (d, q), (q, k)
+            modules[name] = LowRank(U.mul_(S / total), Vh)  # (d, q), (q, k); in place: no second U
         return GlobalState(modules, self.name, svd_form=True)
