@@ -591,6 +591,13 @@ def stream_child_main(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     d, k, ranks, seed, mode = spec["d"], spec["k"], spec["ranks"], spec["seed"], spec["mode"]
     total = sum(50 + (37 * i) % 450 for i in range(len(ranks)))
+    device = torch.device(spec.get("device", "cpu"))
+    cuda = device.type == "cuda"
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize(device)
+
     _warm_up()
     making = [0.0, 0.0]
 
@@ -598,6 +605,9 @@ def stream_child_main(spec: dict) -> dict:
         for i, r in enumerate(ranks):
             t, c = time.perf_counter(), time.process_time()
             u = make_update(d, k, r, seed, i)
+            f = u.modules["m"]
+            u.modules["m"] = LoraFactors(f.A.to(device), f.B.to(device), f.alpha)
+            sync()
             making[0] += time.perf_counter() - t
             making[1] += time.process_time() - c
             yield u
@@ -606,9 +616,12 @@ def stream_child_main(spec: dict) -> dict:
     gc.collect()
     exact_peak = _reset_peak()
     rss0 = _status_kib("VmRSS")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device) if cuda else 0
     t0, c0 = time.perf_counter(), time.process_time()
     if mode == "reference":
-        dW = torch.zeros(d, k)
+        dW = torch.zeros(d, k, device=device)
         for u in arrive():
             f = u.modules["m"]
             dW += (u.num_examples / total * f.scale) * (f.B @ f.A)
@@ -623,11 +636,14 @@ def stream_child_main(spec: dict) -> dict:
     else:
         top = spec["rmax"] if mode == "stream-top" else None
         S = FlexLoRA(top=top).aggregate_stream(arrive()).singular_values("m")
+    sync()
     seconds, cpu = time.perf_counter() - t0 - making[0], time.process_time() - c0 - making[1]
+    peak = torch.cuda.max_memory_allocated(device) - base if cuda else (_status_kib("VmHWM") - rss0) * 1024
     return {
         "seconds": seconds,
         "cpu_seconds": cpu,
-        "peak_mib": (_status_kib("VmHWM") - rss0) / 1024,
+        "peak_mib": peak / 2**20,
+        "device": str(device),
         "peak_exact": exact_peak,
         "S": S.double().tolist(),
     }
@@ -672,12 +688,13 @@ def part_stream(bench: Bench) -> Section:
             rows.append(old)
             continue
         row = {"key": key, "model": model, "shape": f"{d}x{k}", "clients": n, "ranks": str(spec_rank)}
-        row["threads"] = args.threads
+        row["threads"], row["device"] = args.threads, args.device
         row["R"], row["rmax"] = sum(ranks), max(ranks)
         for mode in STREAM_MODES:
             if mode == "reference" and model == "LLaMA-3B" and n == 8:
                 continue  # the reference is compared on SmolLM2 shapes; at 8 clients here only memory matters
             spec = {"d": d, "k": k, "ranks": ranks, "mode": mode, "seed": args.seed, "threads": args.threads}
+            spec["device"] = args.device
             spec["rmax"] = max(ranks)
             row[mode] = run_stream_child(spec, timeout=args.child_timeout)
             log(f"stream {key} {mode}: { {k: v for k, v in row[mode].items() if k != 'S'} }")
@@ -701,7 +718,8 @@ def stream_markdown(rows: list[dict]) -> str:
     lines = [
         "Each cell a fresh process; clients are made one at a time by a generator (as if read from disk),",
         "so what a mode holds is what it chose to keep. Seconds leave out the making of the inputs. Torch threads: "
-        f"{sorted({r.get('threads') for r in rows}, key=str)}. Modes:",
+        f"{sorted({r.get('threads') for r in rows}, key=str)}; device: "
+        f"{sorted({r.get('device', 'cpu') for r in rows})} (on CUDA, MiB = peak allocated GPU memory). Modes:",
         "",
         *[f"- `{m}`: {STREAM_MODE_TEXT[m]}" for m in STREAM_MODES],
         "",
@@ -996,6 +1014,11 @@ def main(argv: list[str] | None = None) -> int:
         "--shapes", type=lambda s: s.split(","), help="only these module shapes, e.g. 576x576,4096x4096"
     )
     p.add_argument("--resume", type=Path, help="reuse finished cells from an earlier --json file")
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="part stream: where the aggregation runs (cuda: peak = allocated GPU memory)",
+    )
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--child-cli", help=argparse.SUPPRESS)
     p.add_argument("--child-stream", help=argparse.SUPPRESS)
