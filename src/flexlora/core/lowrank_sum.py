@@ -38,13 +38,13 @@ class LowRankSum:
         """Whether the sum is now held as the dense ``dW``."""
         return self._dense is not None
 
-    def add(self, B: torch.Tensor, A: torch.Tensor) -> None:
-        """Add ``B (d, r) @ A (r, k)`` (scales already folded into ``B``)."""
+    def add(self, B: torch.Tensor, A: torch.Tensor, scale: float = 1.0) -> None:
+        """Add ``scale * B (d, r) @ A (r, k)`` (folded densely without a scaled copy of ``B``)."""
         self.inner += B.shape[1]
         if self._dense is not None:
-            self._dense.addmm_(B, A)
+            self._dense.addmm_(B, A, alpha=scale)
             return
-        self._Bs.append(B)
+        self._Bs.append(scale * B)
         self._As.append(A)
         if choose_route(B.shape[0], A.shape[1], self.inner, self.route) == "dense":
             self._dense = self._Bs.pop() @ self._As.pop()

@@ -26,6 +26,7 @@ __all__ = [
     "client_weights",
     "validate_updates",
     "validate_update",
+    "skeleton",
     "stack_scaled",
     "pad_columns",
     "leading_factors",
@@ -140,6 +141,18 @@ def validate_update(u: LoraUpdate, i: int, ref: LoraUpdate) -> None:
                 raise AggregationError(f"{who}: module {name!r} {label} has non-float dtype {t.dtype}")
             if not torch.isfinite(t).all():
                 raise AggregationError(f"{who}: module {name!r} {label} has NaN or Inf values")
+
+
+def skeleton(u: LoraUpdate) -> LoraUpdate:
+    """``u`` with its tensors replaced by empty ones of the same ``(d, k)`` on the meta device: enough to
+    validate other updates against (:func:`validate_update`), at no memory."""
+    modules = {
+        name: LoraFactors(
+            torch.empty(0, f.A.shape[-1], device="meta"), torch.empty(f.B.shape[0], 0, device="meta"), f.alpha
+        )
+        for name, f in u.modules.items()
+    }
+    return LoraUpdate(modules, u.num_examples, u.client_id)
 
 
 def stack_scaled(

@@ -22,7 +22,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from flexlora.core.aggregators.base import Aggregator, GlobalState, validate_update
+from flexlora.core.aggregators.base import Aggregator, GlobalState, skeleton, validate_update
 from flexlora.core.errors import AggregationError
 from flexlora.core.lora import LoraUpdate, LowRank
 from flexlora.core.lowrank_sum import LowRankSum
@@ -72,12 +72,14 @@ class FlexLoRA(Aggregator):
         sums: dict[str, LowRankSum] = {}
         first, total = None, 0
         for i, u in enumerate(updates):
-            first = first or u
-            validate_update(u, i, first)
+            validate_update(u, i, first or u)
+            first = first or skeleton(u)  # what later updates are checked against, without its tensors
             total += u.num_examples
             for name, f in u.modules.items():
-                B = (u.num_examples * f.scale) * f.B.to(self.dtype)  # (d, r)
-                sums.setdefault(name, LowRankSum(self.svd)).add(B, f.A.to(self.dtype))
+                acc = sums.setdefault(name, LowRankSum(self.svd))
+                acc.add(
+                    f.B.to(self.dtype), f.A.to(self.dtype), scale=u.num_examples * f.scale
+                )  # (d, r), (r, k)
         if first is None:
             raise AggregationError("no client updates to aggregate")
         modules = {}
