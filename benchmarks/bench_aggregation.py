@@ -691,8 +691,10 @@ def part_stream(bench: Bench) -> Section:
         row["threads"], row["device"] = args.threads, args.device
         row["R"], row["rmax"] = sum(ranks), max(ranks)
         for mode in STREAM_MODES:
-            if mode == "reference" and model == "LLaMA-3B" and n == 8:
-                continue  # the reference is compared on SmolLM2 shapes; at 8 clients here only memory matters
+            if model == "LLaMA-3B" and (
+                n == 8 and mode in ("reference", "batch-dense") or mode == "reference" and k > d
+            ):
+                continue  # here only the streamed memory at 8 clients and the speed-up at 80 matter (keeps it short)
             spec = {"d": d, "k": k, "ranks": ranks, "mode": mode, "seed": args.seed, "threads": args.threads}
             spec["device"] = args.device
             spec["rmax"] = max(ranks)
@@ -757,15 +759,16 @@ def stream_targets(rows: list[dict]) -> list[str]:
                 lines.append(
                     f"- **{shape}, peak memory with 80 clients vs 8 (r200), `{mode}`**: {b:.0f} vs {a:.0f} MiB, "
                     f"{b / a:.2f}x (target <= 1.10x: {'met' if b <= 1.1 * a else 'missed'}); "
-                    f"`batch-dense`: {many['batch-dense'].get('peak_mib', 0):.0f} vs "
-                    f"{few['batch-dense'].get('peak_mib', 0):.0f} MiB."
+                    f"`batch-dense` at 80: {many.get('batch-dense', {}).get('peak_mib', 0):.0f} MiB."
                 )
-        dense, top, exact = (many[m].get("seconds") for m in ("batch-dense", "stream-top", "stream"))
-        if dense and top:
+        dense, top, exact = (many.get(m, {}).get("seconds") for m in ("batch-dense", "stream-top", "stream"))
+        cpu = [many.get(m, {}).get("cpu_seconds") for m in ("batch-dense", "stream-top")]
+        if dense and top and exact and all(cpu):
             lines.append(
                 f"- **{shape}, 80 clients at r200 (R = {many['R']} > min(d, k) / 2)**: `stream-top` is "
                 f"{dense / top:.1f}x faster than the dense SVD route (target >= 3x: "
-                f"{'met' if dense / top >= 3 else 'missed'}); the exact `stream` is {dense / exact:.1f}x."
+                f"{'met' if dense / top >= 3 else 'missed'}; {cpu[0] / cpu[1]:.1f}x on CPU time); the exact `stream` "
+                f"is {dense / exact:.1f}x."
             )
     smol = [r for r in rows if r["model"] == "SmolLM2-135M" and "peak_mib" in r.get("reference", {})]
     if smol:
@@ -986,6 +989,17 @@ READING = """\
   the noise check under Targets); treat ratios within that as equal. Children run OpenMP with
   `OMP_WAIT_POLICY=PASSIVE`: with spinning threads a 576 x 576 SVD took 1-2 s instead of 0.18 s under load,
   which matters as much for a server that aggregates next to training processes.
+- **Streaming (part `stream`).** The server folds each client into a running sum as it arrives
+  (`flexlora.core.lowrank_sum.LowRankSum`): the stacked factors while R <= min(d, k) / 2, then the dense
+  `dW` updated in place, so what it holds is at most about `max((d + k) min(d, k) / 2, d k)` floats and one
+  client, whatever the number of clients; before, every client was loaded and stacked first (`batch-dense`).
+  The exact state then needs the full SVD of `dW` (`stream`), which dominates beyond min(d, k) / 2; where only
+  payloads are needed (`flexlora aggregate --randomized`, `FlexLoRA(top=r_max)`) the top r_max triplets come
+  from randomized subspace iteration (4 power iterations), whose Frobenius error at each client rank is the
+  last column of the table (relative to the Eckart-Young optimum; the tests bound it by 1%). The round loop
+  keeps the exact state (checkpoints, evaluation and spectrum metrics use all of `dW`). Wall times in this part
+  were taken with the machine's 2 cores shared by several jobs (load average 10-12): the CPU-time ratios in
+  the targets are the steadier measure.
 """
 
 
