@@ -64,6 +64,19 @@ def test_aggregate_writes_best_rank_r_adapters(tmp_path, clients, capsys):
     assert summary["weights"] == weights and summary["ranks"] == [4, 20]
 
 
+def test_randomized_streams_many_clients_within_one_percent_of_the_best_truncation(tmp_path):
+    dirs = [tmp_path / f"c{i}" for i in range(6)]
+    clients = [_client(path, 8, seed=i) for i, path in enumerate(dirs)]  # R = 48 > min(d, k): folded dense
+    out = tmp_path / "out"
+    assert main(["aggregate", *map(str, dirs), "--out", str(out), "--rank", "4", "--randomized"]) == 0
+    rank4, _ = read_adapter(out / "rank-4")
+    for name in SHAPES:
+        dW = sum(f[name].delta() for f in clients) / len(clients)
+        optimal = torch.linalg.svdvals(dW)[4:].norm()
+        assert (rank4.modules[name].delta() - dW).norm() <= 1.01 * optimal
+    assert json.loads((out / "aggregate.json").read_text())["aggregator"]["top"] == 4
+
+
 def test_output_loads_in_peft(tmp_path, clients):
     out = tmp_path / "out"
     assert main(["aggregate", *[str(p) for p, _ in clients], "--out", str(out), "--rank", "20"]) == 0

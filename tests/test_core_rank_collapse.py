@@ -41,6 +41,15 @@ def test_raflora_hand_computed_two_clients():
     assert torch.allclose(got, expected, atol=1e-10)
 
 
+def test_raflora_streamed_is_raflora_not_flexlora():
+    # the round loop and `flexlora aggregate` call aggregate_stream: it must keep the partition weights
+    updates = [client(1, 1, 0), client(2, 3, 1)]
+    agg = RaFLoRA(dtype=torch.float64)
+    streamed = delta(agg.aggregate_stream(iter(updates)))
+    assert torch.allclose(streamed, delta(agg.aggregate(updates)), atol=1e-10)
+    assert not torch.allclose(streamed, delta(FlexLoRA(dtype=torch.float64).aggregate(updates)), atol=1e-6)
+
+
 def test_raflora_with_equal_ranks_is_flexlora():
     updates = [client(3, n, s, alpha) for s, (n, alpha) in enumerate([(5, 8.0), (9, 16.0), (2, 32.0)])]
     ra = RaFLoRA(dtype=torch.float64).aggregate(updates)

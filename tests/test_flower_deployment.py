@@ -17,14 +17,17 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import torch
 
 from flexlora.core.adapter_io import read_adapter
 from flower_pki import make_node_key, make_tls
@@ -103,30 +106,38 @@ def _config_toml(home: Path, link: int, security: str) -> None:
     )
 
 
-@pytest.fixture
-def cluster(tmp_path):
-    home = tmp_path / "flwr-home"
-    home.mkdir()
+NODES = (("node-a", 'lora-rank=4 client-id="0"'), ("node-b", 'lora-rank=8 client-id="1"'))
+
+
+@contextmanager
+def loopback(home: Path, extra_node_config: str = "", env: dict[str, str] | None = None):
+    """A SuperLink and the two SuperNodes of ``NODES`` on free loopback ports, stopped on exit."""
+    home.mkdir(parents=True)
     link = free_port()
     _config_toml(home, link, "insecure = true")
     c = Cluster(home)
+    c.env.update(env or {})
     try:
         c.start(
             "superlink", "flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(link),
             "--disable-runtime-dependency-installation",
         )  # fmt: skip
         wait_for(lambda: _accepts(link), 60, "the SuperLink did not listen")
-        for name, node_config in (
-            ("node-a", 'lora-rank=4 client-id="0"'),
-            ("node-b", 'lora-rank=8 client-id="1"'),
-        ):
+        for name, node_config in NODES:
             c.start(
                 name, "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link}",
-                "--host", "127.0.0.1", "--port", str(free_port()), "--node-config", node_config,
+                "--host", "127.0.0.1", "--port", str(free_port()),
+                "--node-config", f"{node_config} {extra_node_config}".strip(),
             )  # fmt: skip
         yield c
     finally:
         c.stop_all()
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    with loopback(tmp_path / "flwr-home") as c:
+        yield c
 
 
 @pytest.fixture
@@ -146,8 +157,7 @@ def secure_cluster(tmp_path):
             "--ssl-certfile", str(tls["cert"]), "--ssl-keyfile", str(tls["key"]), "--enable-supernode-auth",
         )  # fmt: skip
         wait_for(lambda: _accepts(link), 60, "the SuperLink did not listen")
-        nodes = (("node-a", 'lora-rank=4 client-id="0"'), ("node-b", 'lora-rank=8 client-id="1"'))
-        for name, _ in nodes:
+        for name, _ in NODES:
             public = make_node_key(pki / name)
             done = subprocess.run(
                 [str(BIN / "flwr"), "supernode", "register", str(public), "loopback", "--format", "json"],
@@ -156,7 +166,7 @@ def secure_cluster(tmp_path):
             assert done.returncode == 0, done.stdout + done.stderr
             c.node_ids[name] = int(json.loads(done.stdout)["node-id"])
         make_node_key(pki / "intruder")  # never registered
-        for name, node_config in (*nodes, ("intruder", 'lora-rank=8 client-id="0"')):
+        for name, node_config in (*NODES, ("intruder", 'lora-rank=8 client-id="0"')):
             c.start(
                 name, "flower-supernode", "--superlink", f"127.0.0.1:{link}", "--root-certificates",
                 str(tls["ca"]), "--auth-supernode-private-key", str(pki / name),
@@ -203,24 +213,7 @@ def _rounds_done(run_dir: Path) -> int:
 
 
 def test_deployment_on_loopback_with_a_node_killed_mid_run(cluster, tmp_path):
-    config = tmp_path / "tiny.yaml"
-    config.write_text(
-        "data: {path: synthetic, options: {num_clients: 6, examples_per_client: 12, seed: 0}, num_heldout: 2}\n"
-        "train: {batch_size: 4, max_length: 48}\n"
-        "eval: {generate: false, max_examples_per_client: 2}\n"
-    )
-    out = tmp_path / "runs"
-    run_config = (
-        f'num-server-rounds=2 model="tiny" method="flexlora" placement="deployment" clients-per-round=2 '
-        f'local-steps=1 config-file="{config}" output-dir="{out}" run-name="loop" min-nodes=2 '
-        "round-timeout=150.0 wait-timeout=120.0"
-    )
-    started = subprocess.run(
-        [str(BIN / "flwr"), "run", str(REPO), "loopback", "--run-config", run_config],
-        env=cluster.env, cwd=tmp_path, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert started.returncode == 0, started.stdout + started.stderr
-    run_dir = out / "loop"
+    run_dir = _start(cluster, tmp_path, rounds=2)
     try:
         wait_for(lambda: _rounds_done(run_dir) >= 1, 300, "round 1 did not finish")
         cluster.kill("node-b")  # a crash: no goodbye to the SuperLink
@@ -262,28 +255,7 @@ def test_deployment_with_tls_and_supernode_auth_refuses_an_unregistered_node(sec
     assert code != 0
     assert "No SuperNode found with the given public key" in (cluster.home / "superlink.log").read_text()
 
-    config = tmp_path / "tiny.yaml"
-    config.write_text(
-        "data: {path: synthetic, options: {num_clients: 6, examples_per_client: 12, seed: 0}, num_heldout: 2}\n"
-        "train: {batch_size: 4, max_length: 48}\n"
-        "eval: {generate: false, max_examples_per_client: 2}\n"
-    )
-    out = tmp_path / "runs"
-    run_config = (
-        f'num-server-rounds=1 model="tiny" method="flexlora" placement="deployment" clients-per-round=2 '
-        f'local-steps=1 config-file="{config}" output-dir="{out}" run-name="tls" min-nodes=2 '
-        "round-timeout=150.0 wait-timeout=120.0"
-    )
-    started = subprocess.run(
-        [str(BIN / "flwr"), "run", str(REPO), "loopback", "--run-config", run_config],
-        env=cluster.env, cwd=tmp_path, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert started.returncode == 0, started.stdout + started.stderr
-    run_dir = out / "tls"
-    try:
-        wait_for(lambda: (run_dir / "summary.json").exists(), 300, "the federation did not finish")
-    except TimeoutError as exc:
-        raise AssertionError(f"{exc}\n{cluster.logs()}") from None
+    run_dir = _run(cluster, tmp_path, rounds=1)
     # only the registered nodes took part, each as the client it declared, on its registered node id
     assert json.loads((run_dir / "assignment.json").read_text()) == {"0": "r4", "1": "r8"}
     jobs = {
@@ -293,3 +265,68 @@ def test_deployment_with_tls_and_supernode_auth_refuses_an_unregistered_node(sec
     assert jobs["1"]["node"] == cluster.node_ids["node-b"] and jobs["1"]["trained_ranks"] == [8]
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert metrics[-1]["round"] == 1 and metrics[-1]["received"] == 2 and metrics[-1]["failures"] == {}
+
+
+def _start(cluster: Cluster, tmp_path: Path, rounds: int) -> Path:
+    """``flwr run`` the tiny federation over both nodes; returns its run directory (not yet finished)."""
+    config = tmp_path / "tiny.yaml"
+    config.write_text(
+        "data: {path: synthetic, options: {num_clients: 6, examples_per_client: 12, seed: 0}, num_heldout: 2}\n"
+        "train: {batch_size: 4, max_length: 48}\n"
+        "eval: {generate: false, max_examples_per_client: 2}\n"
+    )
+    run_config = (
+        f'num-server-rounds={rounds} model="tiny" method="flexlora" placement="deployment" clients-per-round=2 '
+        f'local-steps=1 config-file="{config}" output-dir="{tmp_path / "runs"}" run-name="loop" min-nodes=2 '
+        "round-timeout=150.0 wait-timeout=120.0"
+    )
+    started = subprocess.run(
+        [str(BIN / "flwr"), "run", str(REPO), "loopback", "--run-config", run_config],
+        env=cluster.env, cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert started.returncode == 0, started.stdout + started.stderr
+    return tmp_path / "runs" / "loop"
+
+
+def _run(cluster: Cluster, tmp_path: Path, rounds: int) -> Path:
+    """:func:`_start`, then wait for the federation's summary."""
+    run_dir = _start(cluster, tmp_path, rounds)
+    try:
+        wait_for(lambda: (run_dir / "summary.json").exists(), 900, "the federation did not finish")
+    except TimeoutError as exc:
+        raise AssertionError(f"{exc}\n{cluster.logs()}") from None
+    return run_dir
+
+
+@pytest.mark.timeout(2400)  # two federations of two rounds on loopback: minutes on a loaded machine
+def test_kept_worker_gives_the_same_result_and_loads_the_model_once_per_node(tmp_path):
+    """``keep-model=true``: each node's model is loaded once for all rounds (by its node service), and the
+    federation's global adapter (2 rounds) is the one the per-message ClientApps produce."""
+    import tempfile
+
+    from safetensors.torch import load_file
+
+    runs = {}
+    for keep in (False, True):
+        home = tmp_path / f"keep-{keep}"
+        sockets = Path(tempfile.mkdtemp(prefix="fl", dir="/tmp"))  # short: a socket path has <= 107 bytes
+        extra = "keep-model=true" if keep else ""
+        try:
+            with loopback(home / "flwr-home", extra, {"TMPDIR": str(sockets)}) as c:
+                runs[keep] = _run(c, home, rounds=2)
+                if keep:
+                    logs = sorted(sockets.glob("flexlora-*/node-*.log"))
+                    assert len(logs) == 2, c.logs()  # one service per node
+                    for log in logs:
+                        assert log.read_text().count("loaded model") == 1, log.read_text()
+        finally:
+            shutil.rmtree(sockets, ignore_errors=True)
+    plain, kept = (
+        load_file(runs[k] / "adapters" / "full" / "adapter_model.safetensors") for k in (False, True)
+    )
+    assert plain.keys() == kept.keys()
+    for name in plain:
+        torch.testing.assert_close(kept[name], plain[name])
+    seconds = {k: [json.loads(x)["seconds"]["total"] for x in (runs[k] / "metrics.jsonl").read_text().splitlines()[1:]]
+               for k in runs}  # fmt: skip
+    print(f"round seconds, per-message ClientApps: {seconds[False]}, kept worker: {seconds[True]}")

@@ -15,8 +15,8 @@ import random
 import time
 import zlib
 from collections import Counter
-from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +27,11 @@ from flexlora.checkpoint import ServerState, save_checkpoint
 from flexlora.core.aggregators import Aggregator, GlobalState
 from flexlora.core.aggregators.base import exact_factors, leading_factors
 from flexlora.core.errors import AggregationError
-from flexlora.core.lora import LoraFactors
+from flexlora.core.lora import LoraFactors, LoraUpdate
 from flexlora.core.privacy import PrivateAggregator
 from flexlora.core.ranks import RankType, module_ranks
 from flexlora.core.validation import UpdateLimits, UpdateRejected, check_update
-from flexlora.engines.base import Engine
+from flexlora.engines.base import Engine, stream_outcomes
 from flexlora.engines.jobs import TrainFailure, TrainJob, TrainResult
 
 __all__ = ["Federation", "FederationPlan", "derive_seed"]
@@ -90,6 +90,19 @@ class FederationPlan:
             module_ranks(t, self.shapes) for t in {t.name: t for t in self.rank_types.values()}.values()
         ]
         return {m: pick(r[m] for r in per_type) for m in self.shapes}
+
+
+@dataclass
+class RoundTally:
+    """What a round's attempts leave behind besides the aggregate: the last attempt's results (updates
+    dropped), every attempt's failures and rejections, and seconds spent training, validating, folding."""
+
+    results: list[TrainResult] = field(default_factory=list)
+    failures: dict[str, str] = field(default_factory=dict)
+    rejected: Counter = field(default_factory=Counter)
+    train: float = 0.0
+    validate: float = 0.0
+    aggregate: float = 0.0
 
 
 class Federation:
@@ -176,67 +189,97 @@ class Federation:
         return jobs
 
     def triage(
-        self, round_: int, jobs: list[TrainJob], outcomes: list[TrainResult | TrainFailure]
-    ) -> tuple[list[TrainResult], dict[str, str], Counter]:
-        """Check every outcome against its job; a bad update becomes a failure with its reason.
-
-        Returns:
-            The valid results, ``{client: reason}`` of failures and rejections, and rejections counted by
-            kind (``num_examples``, ``A.shape``, ``norm``, ...).
-        """
+        self,
+        round_: int,
+        jobs: list[TrainJob],
+        outcomes: Iterable[TrainResult | TrainFailure],
+        tally: RoundTally,
+    ) -> Iterator[LoraUpdate]:
+        """Check each outcome against its job as it arrives and yield the valid updates; a bad update
+        becomes a failure with its reason. ``tally`` records the results (their updates dropped: metrics and
+        example counts only), ``{client: reason}`` of failures and rejections, rejections counted by kind
+        (``num_examples``, ``A.shape``, ``norm``, ...) and the seconds spent training and validating."""
         plan = self.plan
-        results, failures, rejected = [], {}, Counter()
-        for i, job in enumerate(jobs):
-            cid, outcome = job.client_id, outcomes[i] if i < len(outcomes) else None
+        it = iter(outcomes)
+        for job in jobs:
+            cid, t = job.client_id, time.perf_counter()
+            outcome = next(it, None)
+            t1 = time.perf_counter()
+            tally.train += t1 - t
+            reason = None
             if isinstance(outcome, TrainFailure):
-                failures[cid] = outcome.reason
-                continue
-            if not isinstance(outcome, TrainResult):
-                failures[cid] = f"the engine returned {type(outcome).__name__}, not a result"
-                continue
-            try:
-                check_update(
-                    outcome.update,
-                    client_id=cid,
-                    ranks=plan.ranks(cid),
-                    shapes=plan.shapes,
-                    alpha=plan.alpha,
-                    use_rslora=plan.use_rslora,
-                    limits=self.limits,
-                    frozen_A={n: f.A for n, f in job.init.items()} if job.freeze_A else None,
-                )
-            except UpdateRejected as exc:
-                failures[cid] = str(exc)
-                rejected[exc.kind] += 1
+                reason = outcome.reason
+            elif not isinstance(outcome, TrainResult):
+                reason = f"the engine returned {type(outcome).__name__}, not a result"
             else:
-                results.append(outcome)
-        for cid, reason in failures.items():
-            log.warning("round %d: client %s left out: %s", round_, cid, reason)
-        return results, failures, rejected
+                try:
+                    check_update(
+                        outcome.update,
+                        client_id=cid,
+                        ranks=plan.ranks(cid),
+                        shapes=plan.shapes,
+                        alpha=plan.alpha,
+                        use_rslora=plan.use_rslora,
+                        limits=self.limits,
+                        frozen_A={n: f.A for n, f in job.init.items()} if job.freeze_A else None,
+                    )
+                except UpdateRejected as exc:
+                    reason = str(exc)
+                    tally.rejected[exc.kind] += 1
+            tally.validate += time.perf_counter() - t1
+            if reason is not None:
+                tally.failures[cid] = reason
+                log.warning("round %d: client %s left out: %s", round_, cid, reason)
+                continue
+            update = outcome.update
+            tally.results.append(TrainResult(LoraUpdate({}, update.num_examples, cid), outcome.metrics))
+            del outcome
+            yield update
+            del update
+
+    def train_and_fold(
+        self, state: ServerState, round_: int, jobs: list[TrainJob], tally: RoundTally
+    ) -> GlobalState | None:
+        """Train ``jobs`` and fold each valid update into the aggregate as it arrives, so the round never holds
+        every client's update (:meth:`Aggregator.aggregate_stream`). ``None`` if fewer than
+        ``plan.min_clients`` updates were valid."""
+        tally.results = []
+        if isinstance(self.aggregator, PrivateAggregator):
+            self.aggregator.start_round(round_)  # seeds this round's noise
+        inside = tally.train + tally.validate
+        t = time.perf_counter()
+        outcomes = stream_outcomes(self.engine, jobs)
+        updates = self.triage(round_, jobs, outcomes, tally)
+        try:
+            new_global = self.aggregator.aggregate_stream(updates, previous=state.global_state)
+        except AggregationError:
+            if len(tally.results) >= self.plan.min_clients:
+                raise
+            new_global = None  # too few valid updates (none at all, say): the round is retried or stops
+        finally:
+            updates.close()
+            outcomes.close()  # the engine finishes its round (the local one unloads its adapters)
+        tally.aggregate += time.perf_counter() - t - (tally.train + tally.validate - inside)
+        return new_global if len(tally.results) >= self.plan.min_clients else None
 
     def run_round(self, state: ServerState) -> ServerState:
         round_ = state.round + 1
         t0 = time.perf_counter()
         # ---------------------------------------------------------------- sample, train and check
         sparse = self.sparse_stage is not None and round_ <= self.sparse_stage.rounds  # SLoRA's stage 1
-        failures: dict[str, str] = {}
-        rejected: Counter = Counter()
-        t_check = 0.0
+        tally = RoundTally()
+        failures, rejected = tally.failures, tally.rejected
         for attempt in range(self.round_retries + 1):
             clients = self.plan.sample(round_, attempt, exclude=failures)
             if sparse:
                 outcomes = self.sparse_stage.train(state.global_state, round_, clients)
                 results = [o for o in outcomes if isinstance(o, TrainResult)]
-                failed = {o.client_id: o.reason for o in outcomes if isinstance(o, TrainFailure)}
+                failures.update({o.client_id: o.reason for o in outcomes if isinstance(o, TrainFailure)})
+                ok = len(results) >= self.plan.min_clients
             else:
-                jobs = self.jobs(state, round_, clients)
-                outcomes = self.engine.train(jobs)
-                t = time.perf_counter()
-                results, failed, kinds = self.triage(round_, jobs, outcomes)
-                t_check += time.perf_counter() - t
-                rejected.update(kinds)
-            failures.update(failed)
-            if len(results) >= self.plan.min_clients:
+                new_global = self.train_and_fold(state, round_, self.jobs(state, round_, clients), tally)
+                results, ok = tally.results, new_global is not None
+            if ok:
                 break
             log.warning(
                 "round %d, attempt %d of %d: %d valid updates, %d needed",
@@ -252,15 +295,10 @@ class Federation:
                 f"{self.round_retries + 1} attempt(s) ({len(failures)} clients failed or were refused); the run "
                 f"stops, its checkpoint (round {state.round}) is untouched"
             )
-        t_train = time.perf_counter()
-        # ---------------------------------------------------------------- aggregate
-        updates = [r.update for r in results]
+        t_train = time.perf_counter() - tally.aggregate
+        # ---------------------------------------------------------------- aggregate (streamed above, or SLoRA's)
         if sparse:
-            new_global = self.sparse_stage.aggregate(updates, state.global_state, round_)
-        else:
-            if isinstance(self.aggregator, PrivateAggregator):
-                self.aggregator.start_round(round_)  # seeds this round's noise
-            new_global = self.aggregator.aggregate(updates, previous=state.global_state)
+            new_global = self.sparse_stage.aggregate([r.update for r in results], state.global_state, round_)
         t_agg = time.perf_counter()
         # ---------------------------------------------------------------- evaluate
         metrics: dict[str, Any] = {
@@ -295,8 +333,8 @@ class Federation:
         # ---------------------------------------------------------------- checkpoint
         new_state = ServerState(round_, new_global, state.assignment, [*state.metrics])
         metrics["seconds"] = {
-            "train": t_train - t0 - t_check,
-            "validate": t_check,
+            "train": t_train - t0 - tally.validate,
+            "validate": tally.validate,
             "aggregate": t_agg - t_train,
             "eval": t_eval - t_agg,
             "client_train": sum(r.metrics.get("seconds", 0.0) for r in results),

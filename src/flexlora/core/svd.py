@@ -21,7 +21,7 @@ from typing import Literal, NamedTuple
 
 import torch
 
-__all__ = ["SVDRoute", "SVDResult", "choose_route", "svd_lowrank_product", "complete_rows"]
+__all__ = ["SVDRoute", "SVDResult", "choose_route", "svd_lowrank_product", "top_svd", "complete_rows"]
 
 SVDRoute = Literal["auto", "dense", "factored"]
 SVD_ROUTES: tuple[str, ...] = ("auto", "dense", "factored")
@@ -69,6 +69,29 @@ def svd_lowrank_product(
     if max_rank is not None:
         U, S, Vh = U[:, :max_rank], S[:max_rank], Vh[:max_rank]
     return SVDResult(U, S, Vh)
+
+
+def top_svd(M: torch.Tensor, rank: int, niter: int = 4, seed: int = 0) -> SVDResult:
+    """The leading ``rank`` singular triplets of ``M (d, k)`` by randomized subspace iteration (Halko,
+    Martinsson and Tropp 2011; ``torch.svd_lowrank``), for when only they are needed.
+
+    A Gaussian sketch of ``q = rank + max(10, rank / 10)`` columns goes through ``niter`` power iterations, so
+    the cost is ``O(d k q (2 niter + 2))`` instead of the full SVD's ``O(d k min(d, k))``. Not exact: the
+    Frobenius error of the rank-``r`` truncation exceeds the optimal one (Eckart-Young) by a factor that
+    falls geometrically with ``niter`` and the spectral gap; ``tests/test_core_svd.py`` bounds it and
+    ``docs/benchmarks.md`` measures it. Falls back to the exact SVD where ``q`` reaches ``min(d, k) / 2``.
+    The sketch is seeded (``seed``) without touching torch's global random state.
+    """
+    d, k = M.shape
+    q = min(rank + max(10, rank // 10), d, k)
+    if 2 * q >= min(d, k):
+        U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+        return SVDResult(U[:, :rank], S[:rank], Vh[:rank])
+    devices = [M.device] if M.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        U, S, V = torch.svd_lowrank(M, q=q, niter=niter)
+    return SVDResult(U[:, :rank], S[:rank], V[:, :rank].T)
 
 
 def complete_rows(A: torch.Tensor, rank: int, seed: int = 0) -> torch.Tensor:

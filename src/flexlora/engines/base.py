@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Protocol
 
 from flexlora.engines.jobs import TrainFailure, TrainJob, TrainResult
 
-__all__ = ["Engine"]
+__all__ = ["Engine", "stream_outcomes"]
 
 
 class Engine(Protocol):
@@ -26,3 +27,11 @@ class Engine(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+def stream_outcomes(engine: Engine, jobs: list[TrainJob]) -> Iterator[TrainResult | TrainFailure]:
+    """The outcomes of ``jobs`` in job order, each as soon as it is ready: the engine's ``train_stream``
+    where it has one (the local engine yields each client when it has trained it, so the round loop can
+    fold that update and drop it before the next client trains), else its ``train`` list."""
+    stream = getattr(engine, "train_stream", None)
+    yield from stream(jobs) if stream is not None else engine.train(jobs)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 
 from tqdm.auto import tqdm
 
@@ -29,9 +30,12 @@ class LocalEngine:
         self._sent = self._received = 0
 
     def train(self, jobs: list[TrainJob]) -> list[TrainResult | TrainFailure]:
+        return list(self.train_stream(jobs))
+
+    def train_stream(self, jobs: list[TrainJob]) -> Iterator[TrainResult | TrainFailure]:
+        """Train the jobs one after another, yielding each outcome as soon as it is there."""
         from flexlora.training import run_train_job
 
-        results: list[TrainResult | TrainFailure] = []
         try:
             for job in tqdm(jobs, desc="clients", leave=False, disable=not self.progress, unit="client"):
                 self._sent += factors_nbytes(job.init) + factors_nbytes(job.frozen or {})
@@ -43,13 +47,13 @@ class LocalEngine:
                     )
                 except Exception as exc:  # one client's failure must not stop the federation
                     log.exception("client %s failed in round %d", job.client_id, job.round)
-                    results.append(TrainFailure(job.client_id, f"{type(exc).__name__}: {exc}"))
+                    yield TrainFailure(job.client_id, f"{type(exc).__name__}: {exc}")
                     continue
                 self._received += factors_nbytes(result.update.modules)
-                results.append(result)
+                yield result
+                del result  # the caller folds it; do not hold it while the next client trains
         finally:
             self.host.unload()
-        return results
 
     def bytes_moved(self) -> tuple[int, int]:
         moved = (self._sent, self._received)

@@ -11,7 +11,7 @@ import math
 import numbers
 import zlib
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -25,6 +25,8 @@ __all__ = [
     "GlobalState",
     "client_weights",
     "validate_updates",
+    "validate_update",
+    "skeleton",
     "stack_scaled",
     "pad_columns",
     "leading_factors",
@@ -102,36 +104,55 @@ def _label(u: LoraUpdate, i: int) -> str:
 def validate_updates(updates: Sequence[LoraUpdate]) -> None:
     """Refuse updates that cannot be aggregated together; the message names the client and module.
 
-    Checks: at least one update; positive example counts; the same module set and module shapes across
-    clients; ``B (d, r)`` and ``A (r, k)`` agree on ``r``; floating dtype; finite values and ``lora_alpha``.
+    Checks: at least one update, and :func:`validate_update` of each against the first.
     """
     if not updates:
         raise AggregationError("no client updates to aggregate")
-    ref = updates[0]
     for i, u in enumerate(updates):
-        who = _label(u, i)
-        n = u.num_examples
-        if not isinstance(n, numbers.Integral) or isinstance(n, bool) or n <= 0:
-            raise AggregationError(f"{who}: num_examples must be a positive integer, got {n!r}")
-        if set(u.modules) != set(ref.modules):
-            diff = sorted(set(u.modules) ^ set(ref.modules))
-            raise AggregationError(f"{who}: module set differs from {_label(ref, 0)} (e.g. {diff[0]!r})")
-        for name, f in u.modules.items():
-            if f.A.ndim != 2 or f.B.ndim != 2 or f.B.shape[1] != f.A.shape[0]:
-                raise AggregationError(
-                    f"{who}: module {name!r}: B {tuple(f.B.shape)} and A {tuple(f.A.shape)} disagree on the rank"
-                )
-            if f.shape != ref.modules[name].shape:
-                raise AggregationError(
-                    f"{who}: module {name!r} has shape {f.shape}, {_label(ref, 0)} has {ref.modules[name].shape}"
-                )
-            if not math.isfinite(f.alpha):
-                raise AggregationError(f"{who}: module {name!r} has non-finite lora_alpha {f.alpha!r}")
-            for label, t in (("A", f.A), ("B", f.B)):
-                if not t.is_floating_point():
-                    raise AggregationError(f"{who}: module {name!r} {label} has non-float dtype {t.dtype}")
-                if not torch.isfinite(t).all():
-                    raise AggregationError(f"{who}: module {name!r} {label} has NaN or Inf values")
+        validate_update(u, i, updates[0])
+
+
+def validate_update(u: LoraUpdate, i: int, ref: LoraUpdate) -> None:
+    """Refuse update number ``i`` if it cannot be aggregated with ``ref`` (the round's first update).
+
+    Checks: a positive example count; the same module set and module shapes as ``ref``; ``B (d, r)`` and
+    ``A (r, k)`` agree on ``r``; floating dtype; finite values and ``lora_alpha``.
+    """
+    who = _label(u, i)
+    n = u.num_examples
+    if not isinstance(n, numbers.Integral) or isinstance(n, bool) or n <= 0:
+        raise AggregationError(f"{who}: num_examples must be a positive integer, got {n!r}")
+    if set(u.modules) != set(ref.modules):
+        diff = sorted(set(u.modules) ^ set(ref.modules))
+        raise AggregationError(f"{who}: module set differs from {_label(ref, 0)} (e.g. {diff[0]!r})")
+    for name, f in u.modules.items():
+        if f.A.ndim != 2 or f.B.ndim != 2 or f.B.shape[1] != f.A.shape[0]:
+            raise AggregationError(
+                f"{who}: module {name!r}: B {tuple(f.B.shape)} and A {tuple(f.A.shape)} disagree on the rank"
+            )
+        if f.shape != ref.modules[name].shape:
+            raise AggregationError(
+                f"{who}: module {name!r} has shape {f.shape}, {_label(ref, 0)} has {ref.modules[name].shape}"
+            )
+        if not math.isfinite(f.alpha):
+            raise AggregationError(f"{who}: module {name!r} has non-finite lora_alpha {f.alpha!r}")
+        for label, t in (("A", f.A), ("B", f.B)):
+            if not t.is_floating_point():
+                raise AggregationError(f"{who}: module {name!r} {label} has non-float dtype {t.dtype}")
+            if not torch.isfinite(t).all():
+                raise AggregationError(f"{who}: module {name!r} {label} has NaN or Inf values")
+
+
+def skeleton(u: LoraUpdate) -> LoraUpdate:
+    """``u`` with its tensors replaced by empty ones of the same ``(d, k)`` on the meta device: enough to
+    validate other updates against (:func:`validate_update`), at no memory."""
+    modules = {
+        name: LoraFactors(
+            torch.empty(0, f.A.shape[-1], device="meta"), torch.empty(f.B.shape[0], 0, device="meta"), f.alpha
+        )
+        for name, f in u.modules.items()
+    }
+    return LoraUpdate(modules, u.num_examples, u.client_id)
 
 
 def stack_scaled(
@@ -194,6 +215,16 @@ class Aggregator(ABC):
     @abstractmethod
     def aggregate(self, updates: Sequence[LoraUpdate], previous: GlobalState | None = None) -> GlobalState:
         """Combine validated client updates (``previous`` is the state they started from)."""
+
+    def aggregate_stream(
+        self, updates: Iterable[LoraUpdate], previous: GlobalState | None = None
+    ) -> GlobalState:
+        """:meth:`aggregate` over updates that arrive one at a time (a generator reading them as they come).
+
+        Methods whose result is a running sum (FlexLoRA) fold each update and drop it, so memory does not
+        grow with the number of clients; the default collects them and calls :meth:`aggregate`.
+        """
+        return self.aggregate(list(updates), previous)
 
     def hyperparameters(self) -> dict[str, object]:
         """Shown in logs and saved with runs."""

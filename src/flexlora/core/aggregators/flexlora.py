@@ -8,24 +8,25 @@ then ``dW = U S V^T``. Redistribute: a client of rank ``r`` and scale ``s_r`` re
 ``B``, as in the paper's code.
 
 The state keeps ``U S`` and ``V^T`` with at most ``R = sum_i r_i`` triplets, which is exact since
-``rank(dW) <= R``. Suggested use: any mix of client ranks; learning rate per rank scale (see docs).
+``rank(dW) <= R``. Updates are folded one at a time into a running sum of ``n_i s_i B_i A_i``
+(:class:`flexlora.core.lowrank_sum.LowRankSum`, divided by ``sum_j n_j`` at the end), so the server's memory
+does not grow with the number of clients. With ``top``, only the leading ``top`` triplets are kept (all a
+client of rank ``<= top`` is ever sent), found by randomized subspace iteration where the sum is dense: for
+``flexlora aggregate``, whose only output is payloads; the round loop keeps the exact state.
+Suggested use: any mix of client ranks; learning rate per rank scale (see docs).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 
-from flexlora.core.aggregators.base import (
-    Aggregator,
-    GlobalState,
-    client_weights,
-    stack_scaled,
-    validate_updates,
-)
+from flexlora.core.aggregators.base import Aggregator, GlobalState, skeleton, validate_update
+from flexlora.core.errors import AggregationError
 from flexlora.core.lora import LoraUpdate, LowRank
-from flexlora.core.svd import SVDRoute, choose_route, svd_lowrank_product
+from flexlora.core.lowrank_sum import LowRankSum
+from flexlora.core.svd import SVDRoute, choose_route
 
 __all__ = ["FlexLoRA"]
 
@@ -34,8 +35,10 @@ class FlexLoRA(Aggregator):
     """SVD-based heterogeneous-rank aggregation.
 
     Args:
-        svd: ``auto`` (factored while ``R < min(d, k)``, else dense), ``dense`` or ``factored``.
+        svd: ``auto`` (factored while ``R <= min(d, k) / 2``, else dense), ``dense`` or ``factored``.
         dtype: dtype of the aggregation arithmetic (float32 by default; float64 for reference checks).
+        top: keep only the leading ``top`` triplets per module (randomized where the sum is dense; see
+            :func:`flexlora.core.svd.top_svd`); ``None`` keeps the exact ``dW``.
 
     Example:
         >>> state = FlexLoRA().aggregate(updates)            # doctest: +SKIP
@@ -44,20 +47,43 @@ class FlexLoRA(Aggregator):
 
     name = "flexlora"
 
-    def __init__(self, svd: SVDRoute = "auto", dtype: torch.dtype = torch.float32):
+    def __init__(self, svd: SVDRoute = "auto", dtype: torch.dtype = torch.float32, top: int | None = None):
         choose_route(1, 1, 0, svd)  # validates the route name
+        if top is not None and top <= 0:
+            raise ValueError(f"top must be a positive rank, got {top}")
         self.svd = svd
         self.dtype = dtype
+        self.top = top
 
     def hyperparameters(self) -> dict[str, object]:
-        return {"svd": self.svd, "dtype": str(self.dtype).removeprefix("torch.")}
+        params: dict[str, object] = {"svd": self.svd, "dtype": str(self.dtype).removeprefix("torch.")}
+        if self.top is not None:
+            params["top"] = self.top
+        return params
 
     def aggregate(self, updates: Sequence[LoraUpdate], previous: GlobalState | None = None) -> GlobalState:
-        validate_updates(updates)
-        weights = client_weights(updates)
+        return self.aggregate_stream(updates, previous)
+
+    def aggregate_stream(
+        self, updates: Iterable[LoraUpdate], previous: GlobalState | None = None
+    ) -> GlobalState:
+        """Fold each update into per-module running sums of ``n_i s_i B_i A_i`` as it arrives (validated
+        against the first), then take each sum's SVD and divide by ``sum_i n_i``."""
+        sums: dict[str, LowRankSum] = {}
+        first, total = None, 0
+        for i, u in enumerate(updates):
+            validate_update(u, i, first or u)
+            first = first or skeleton(u)  # what later updates are checked against, without its tensors
+            total += u.num_examples
+            for name, f in u.modules.items():
+                acc = sums.setdefault(name, LowRankSum(self.svd))
+                acc.add(
+                    f.B.to(self.dtype), f.A.to(self.dtype), scale=u.num_examples * f.scale
+                )  # (d, r), (r, k)
+        if first is None:
+            raise AggregationError("no client updates to aggregate")
         modules = {}
-        for name in updates[0].modules:
-            Bs, As = stack_scaled([u.modules[name] for u in updates], weights, self.dtype)  # (d, R), (R, k)
-            U, S, Vh = svd_lowrank_product(Bs, As, route=self.svd, max_rank=Bs.shape[1])
-            modules[name] = LowRank(U * S, Vh)  # (d, q), (q, k)
+        for name in list(sums):
+            U, S, Vh = sums.pop(name).svd(self.top)  # each sum freed once its SVD is taken
+            modules[name] = LowRank(U.mul_(S / total), Vh)  # (d, q), (q, k); in place: no second U
         return GlobalState(modules, self.name, svd_form=True)

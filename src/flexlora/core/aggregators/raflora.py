@@ -28,7 +28,7 @@ before quoting results as raFLoRA's. The paper's training recipe is not part of 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -73,3 +73,10 @@ class RaFLoRA(FlexLoRA):
             U, S, Vh = svd_lowrank_product(Bs, As, route=self.svd, max_rank=Bs.shape[1])
             modules[name] = LowRank(U * S, Vh)  # (d, q), (q, k)
         return GlobalState(modules, self.name, svd_form=True)
+
+    def aggregate_stream(
+        self, updates: Iterable[LoraUpdate], previous: GlobalState | None = None
+    ) -> GlobalState:
+        """The partition weights need every client's rank first: collect, then :meth:`aggregate` (not
+        FlexLoRA's running sum, which would drop them)."""
+        return self.aggregate(list(updates), previous)
