@@ -9,12 +9,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from flexlora.cli import aggregate, compare, evaluate, report, run
+from flexlora.cli import aggregate, compare, evaluate, ranks, report, run
 from flexlora.core.errors import AdapterError, AggregationError
 
 __all__ = ["main", "build_parser"]
 
-COMMANDS = (run, evaluate, aggregate, compare, report)
+COMMANDS = (run, evaluate, aggregate, compare, report, ranks)
 USER_ERRORS = (AdapterError, AggregationError, ValueError, FileNotFoundError)
 
 

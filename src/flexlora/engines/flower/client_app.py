@@ -2,7 +2,8 @@
 
 Thin by design: the message is decoded by :mod:`.records`, the job runs through the same
 :func:`flexlora.training.run_train_job` as the in-process engine, and the reply is encoded by :mod:`.records`.
-Node config keys: ``lora-rank`` / ``lora-rank-type`` (resources), ``client-id`` (data partition),
+Node config keys: ``lora-rank`` / ``lora-rank-type`` (resources; ``lora-rank="auto"`` with ``memory-gb`` and
+optionally ``seconds-per-round``: chosen from the budget, :mod:`.auto_rank`), ``client-id`` (data partition),
 ``data-path`` / ``data-format`` (the node's own data).
 """
 
@@ -13,8 +14,9 @@ import dataclasses
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from flexlora.engines.flower.auto_rank import node_record
 from flexlora.engines.flower.nodes import NODE_RECORD
-from flexlora.engines.flower.records import job_from_content, node_declaration, reply_content
+from flexlora.engines.flower.records import job_from_content, reply_content
 from flexlora.engines.flower.worker import own_client, worker_for
 
 __all__ = ["app"]
@@ -25,8 +27,8 @@ app = ClientApp()
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """Answer the server's question "what are your rank and client?" from the node config."""
-    declaration = node_declaration(context.node_config)
-    return Message(RecordDict({NODE_RECORD: declaration.to_record()}), reply_to=msg)
+    record = node_record(context.node_config, context.run_config)  # lora-rank="auto": from its budget
+    return Message(RecordDict({NODE_RECORD: record}), reply_to=msg)
 
 
 @app.train()

@@ -16,6 +16,7 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from flexlora.core.ranks import RankType, assign_rank_types
+from flexlora.engines.flower.auto_rank import budget_note
 from flexlora.engines.flower.records import NodeDeclaration, ReplyError
 
 __all__ = ["NodeBook", "exchange", "wait_for_nodes"]
@@ -101,6 +102,7 @@ class NodeBook:
         self.query_timeout = query_timeout
         self.declared: dict[int, NodeDeclaration] = {}
         self._assigned: dict[int, RankType] = {}
+        self.budgets: dict[int, dict | None] = {}
 
     def query(self, grid: Grid, node_ids: Iterable[int], round_: int = 0) -> list[int]:
         """Ask the nodes not asked yet for their declarations.
@@ -129,7 +131,9 @@ class NodeBook:
                         record = reply.content.config_records.get(NODE_RECORD)
                         if record is None:
                             raise ReplyError(node, NODE_RECORD, "no ConfigRecord 'node' in the query reply")
+                        note = budget_note(record, node)  # lora-rank="auto": the budget it was chosen by
                         self.declared[node] = NodeDeclaration.from_record(record, node)
+                        self.budgets[node] = note
                     except ReplyError as exc:
                         log.warning("%s", exc)
             self._assign()
@@ -167,3 +171,4 @@ class NodeBook:
     def forget(self, node: int) -> None:
         """Drop a node's cached declaration (it is asked again if it comes back)."""
         self.declared.pop(node, None)
+        self.budgets.pop(node, None)
