@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     rows = rank_table(
         args.model, args.targets, args.batch_size, args.max_length, args.dtype, args.device, args.mode
     )
-    head = ("rank type", "est. GiB", "measured GiB", "est. s/round", "measured s/round")
+    head = ("rank type", "est. GiB", "measured GiB", "est. error %", "est. s/round", "measured s/round")
     print(
         f"{args.model}, LoRA on {' '.join(args.targets)}, batch {args.batch_size} x {args.max_length} tokens, "
         f"{args.steps} steps per round, {args.dtype}"
@@ -65,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
             r.rank_type.name,
             _gb(r.estimate.total),
             _gb(r.measured_bytes),
+            "-" if r.measured_bytes is None else f"{100 * (r.estimate.total / r.measured_bytes - 1):+.1f}",
             _seconds(r.estimated_seconds, args.steps),
             _seconds(r.measured_seconds, args.steps),
         )
