@@ -21,6 +21,7 @@ import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -107,7 +108,7 @@ def gemm_flops_per_second(step: StepShape, dims: ModelDims, device: torch.device
 
 
 # ---------------------------------------------------------------------------------------------- measure
-def _cache_path(spec: Mapping) -> os.PathLike:
+def _cache_path(spec: Mapping) -> Path:
     from flexlora.models import cache_dir
 
     key = json.dumps({**spec, "torch": torch.__version__, "probe": PROBE_VERSION}, sort_keys=True)
