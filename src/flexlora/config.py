@@ -17,6 +17,7 @@ from typing import Any
 
 from flexlora.core.aggregators import AGGREGATORS
 from flexlora.core.aggregators.hetlora_cho import TailPenalty
+from flexlora.core.budget import Budget
 from flexlora.core.privacy import DP_METHODS, accountant_available
 from flexlora.core.ranks import DISTRIBUTIONS, parse_rank_type
 from flexlora.core.robust import ROBUST_RULES
@@ -85,7 +86,9 @@ class FederationConfig:
     """The federation: method, client resources, rounds and evaluation schedule.
 
     ``distribution``: ``homo``, ``uniform``, ``heavy-tail-light``, ``heavy-tail-strong``, ``normal``, or an
-    explicit list of rank types (``[r8, r200, attn30-mlp200]``). ``clients_per_round``: a count (>= 1) or a
+    explicit list of rank types (``[r8, r200, attn30-mlp200]``), or ``budgets``: each client takes the largest
+    rank type that fits its entry of ``budgets`` (cycled; ``{memory_gb: 4, seconds_per_round: 60}``, see
+    :mod:`flexlora.budget`). ``clients_per_round``: a count (>= 1) or a
     fraction of the pool (< 1). ``min_clients``: valid updates needed for a round to count.
     ``slora_rounds``: the first rounds of ``slora`` / ``slora+flexlora`` that do sparse fine-tuning (stage 1,
     :mod:`flexlora.slora`); ``slora_density``: mask density of every client (None: as many parameters as the
@@ -99,6 +102,7 @@ class FederationConfig:
     sparsity_weighted: bool = False
     florist_threshold: float = 0.9
     distribution: str | list[str] = "heavy-tail-strong"
+    budgets: list[dict[str, Any]] | None = None
     rounds: int = 10
     clients_per_round: int | float = 8
     min_clients: int = 1
@@ -239,8 +243,11 @@ def _check(cfg: RunConfig, errors: list[str]) -> None:
         errors.append(f"federation.svd: {fed.svd!r} is not one of {list(SVD_ROUTES)}")
     if fed.engine not in ("local", "flower"):
         errors.append(f"federation.engine: {fed.engine!r} is not one of ['flower', 'local']")
-    if isinstance(fed.distribution, str) and fed.distribution not in DISTRIBUTIONS:
-        errors.append(f"federation.distribution: {fed.distribution!r} is not one of {sorted(DISTRIBUTIONS)}")
+    if isinstance(fed.distribution, str) and fed.distribution not in (*DISTRIBUTIONS, "budgets"):
+        errors.append(
+            f"federation.distribution: {fed.distribution!r} is not one of {sorted([*DISTRIBUTIONS, 'budgets'])}"
+        )
+    _check_budgets(cfg, errors)
     if isinstance(fed.distribution, str):
         homogeneous = fed.distribution == "homo"
     else:
@@ -324,6 +331,23 @@ def _check_run_dir(cfg: RunConfig, errors: list[str]) -> None:
         errors.append(f"name: must be a plain directory name (no '/', '..' or empty), got {name!r}")
     if "\0" in cfg.output_dir:
         errors.append(f"output_dir: must be a path, got {cfg.output_dir!r}")
+
+
+def _check_budgets(cfg: RunConfig, errors: list[str]) -> None:
+    fed = cfg.federation
+    if (fed.distribution == "budgets") != (fed.budgets is not None):
+        errors.append("federation.budgets: give a list of budgets exactly when distribution is 'budgets'")
+        return
+    for i, raw in enumerate(fed.budgets or []):
+        try:
+            budget = Budget.from_dict(raw)
+        except ValueError as exc:
+            errors.append(f"federation.budgets[{i}]: {exc}")
+            continue
+        if budget.seconds_per_round is not None and cfg.train.steps is None:
+            errors.append(f"federation.budgets[{i}]: a time budget needs train.steps (not epochs)")
+    if fed.budgets == []:
+        errors.append("federation.budgets: the list is empty")
 
 
 def _check_security(cfg: RunConfig, errors: list[str]) -> None:

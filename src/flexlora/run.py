@@ -30,15 +30,17 @@ from typing import Any
 
 import yaml
 
+from flexlora.budget import assignment_record, budget_rank_types
 from flexlora.checkpoint import CHECKPOINT_DIR, check_shapes, load_checkpoint, recover_checkpoint
 from flexlora.config import SLORA_METHODS, ConfigError, RunConfig, load_config
 from flexlora.core.adapter_io import write_adapter
 from flexlora.core.aggregators import make_aggregator
 from flexlora.core.aggregators.base import exact_factors
+from flexlora.core.budget import Budget
 from flexlora.core.errors import AdapterError
 from flexlora.core.output_dirs import RUN_MARKER, OutputError, has_marker, write_marker
 from flexlora.core.privacy import PrivateAggregator
-from flexlora.core.ranks import assign_rank_types, module_ranks
+from flexlora.core.ranks import assign_rank_types, module_ranks, parse_rank_type
 from flexlora.core.robust import RobustAggregator
 from flexlora.core.safe_load import load_json
 from flexlora.core.validation import UpdateLimits
@@ -175,6 +177,21 @@ def _engine(cfg: RunConfig, host, tokenizer, source, progress: bool):
     return LocalEngine(host, tokenizer, source, cfg.train, progress=progress)
 
 
+def _rank_types(cfg: RunConfig, host, clients: list[str], resumed: Path | None) -> tuple[list, list[dict]]:
+    """Each client's rank type from the distribution, or from its budget (with what the budget allowed; a
+    resumed run keeps the types it started with, since a time estimate depends on the machine's speed)."""
+    fed, train = cfg.federation, cfg.train
+    if fed.distribution != "budgets":
+        return assign_rank_types(len(clients), fed.distribution, fed.seed), [{}] * len(clients)
+    if resumed is not None:
+        notes = [json.loads((resumed / "assignment.json").read_text())[c] for c in clients]
+        return [parse_rank_type(n["rank_type"]) for n in notes], notes
+    budgets = [Budget.from_dict(b) for b in fed.budgets]
+    return budget_rank_types(
+        host.model, host.shapes, budgets, len(clients), train.batch_size, train.max_length, train.steps
+    )
+
+
 def _setup_logging(run_dir: Path) -> logging.Handler:
     handler = logging.FileHandler(run_dir / "log.txt")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -195,9 +212,9 @@ def _execute(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool) -> Run
     train_ids, validation_ids = split_validation(train_ids, data.num_validation, cfg.federation.seed)
     if data.max_clients is not None and data.max_clients < len(train_ids):
         train_ids = sorted(seeded_rng(cfg.federation.seed, "pool").sample(train_ids, data.max_clients))
-    types = assign_rank_types(len(train_ids), cfg.federation.distribution, cfg.federation.seed)
     model, tokenizer = load_model(cfg.model.name, cfg.model.dtype, cfg.model.device, seed=cfg.federation.seed)
     host = LoraHost(model, cfg.model.target_modules)
+    types, notes = _rank_types(cfg, host, train_ids, run_dir if resume else None)
     plan = make_plan(cfg, dict(zip(train_ids, types, strict=True)), host.shapes)
     state = None
     if resume:  # checked against the model before anything is written
@@ -236,7 +253,7 @@ def _execute(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool) -> Run
         len(heldout_ids),
     )
     (run_dir / "assignment.json").write_text(
-        json.dumps({c: t.name for c, t in plan.rank_types.items()}, indent=1)
+        json.dumps(assignment_record(plan.rank_types, dict(zip(train_ids, notes, strict=True))), indent=1)
     )
     sparse_stage = None
     if cfg.federation.method in SLORA_METHODS:

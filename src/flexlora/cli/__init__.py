@@ -14,12 +14,12 @@ import signal
 import sys
 import threading
 
-from flexlora.cli import aggregate, compare, evaluate, report, run
+from flexlora.cli import aggregate, compare, evaluate, ranks, report, run
 from flexlora.core.errors import EnvironmentFailure
 
 __all__ = ["main", "build_parser", "USER_ERRORS", "ENVIRONMENT_ERRORS"]
 
-COMMANDS = (run, evaluate, aggregate, compare, report)
+COMMANDS = (run, evaluate, aggregate, compare, report, ranks)
 USER_ERRORS = (ValueError,)  # AdapterError, AggregationError, ConfigError, LoadError, OutputError, ...
 ENVIRONMENT_ERRORS = (OSError, EnvironmentFailure, MemoryError)
 

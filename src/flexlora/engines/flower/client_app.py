@@ -2,7 +2,8 @@
 
 Thin by design: the message is decoded by :mod:`.records`, the job runs through the same
 :func:`flexlora.training.run_train_job` as the in-process engine, and the reply is encoded by :mod:`.records`.
-Node config keys: ``lora-rank`` / ``lora-rank-type`` (resources), ``client-id`` (data partition),
+Node config keys: ``lora-rank`` / ``lora-rank-type`` (resources; ``lora-rank="auto"`` with ``memory-gb`` and
+optionally ``seconds-per-round``: chosen from the budget, :mod:`.auto_rank`), ``client-id`` (data partition),
 ``data-path`` / ``data-format`` (the node's own data), ``keep-model=true`` (a node-local worker keeps the
 model loaded across messages, :mod:`.node_service`). Importing this module imports neither torch nor the
 model code: a kept node's ClientApp process only forwards the message.
@@ -25,11 +26,11 @@ app = ClientApp()
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """Answer the server's question "what are your rank and client?" from the node config."""
+    from flexlora.engines.flower.auto_rank import node_record
     from flexlora.engines.flower.nodes import NODE_RECORD
-    from flexlora.engines.flower.records import node_declaration
 
-    declaration = node_declaration(context.node_config)
-    return Message(RecordDict({NODE_RECORD: declaration.to_record()}), reply_to=msg)
+    record = node_record(context.node_config, context.run_config)  # lora-rank="auto": from its budget
+    return Message(RecordDict({NODE_RECORD: record}), reply_to=msg)
 
 
 @app.train()

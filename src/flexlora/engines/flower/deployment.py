@@ -15,6 +15,7 @@ from pathlib import Path
 
 import yaml
 
+from flexlora.budget import assignment_record
 from flexlora.config import RunConfig
 from flexlora.core.validation import UpdateLimits
 from flexlora.engines.flower.engine import FlowerEngine
@@ -77,7 +78,8 @@ def run_deployment(cfg: RunConfig, engine: FlowerEngine) -> Path:
     model, tokenizer = load_model(cfg.model.name, cfg.model.dtype, cfg.model.device, seed=cfg.federation.seed)
     host = LoraHost(model, cfg.model.target_modules)
     plan = make_plan(cfg, roster, host.shapes)
-    (run_dir / "assignment.json").write_text(json.dumps({c: t.name for c, t in roster.items()}, indent=1))
+    notes = {engine.book.client_id(n): note for n, note in engine.book.budgets.items()}
+    (run_dir / "assignment.json").write_text(json.dumps(assignment_record(roster, notes), indent=1))
     # the same method, robust / DP wrapping and update limits as `flexlora run` (the `security` section)
     aggregator = build_aggregator(cfg, plan)
     log.info("deployment: method %r over %d nodes", aggregator, len(roster))

@@ -16,6 +16,7 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from flexlora.core.ranks import RankType, assign_rank_types
+from flexlora.engines.flower.auto_rank import budget_note
 from flexlora.engines.flower.records import NodeDeclaration, ReplyError
 
 __all__ = ["NodeBook", "exchange", "wait_for_nodes"]
@@ -102,6 +103,7 @@ class NodeBook:
         self.declared: dict[int, NodeDeclaration] = {}
         self._assigned: dict[int, RankType] = {}
         self._owner: dict[str, int] = {}  # client-id -> the first node that declared it
+        self.budgets: dict[int, dict | None] = {}
 
     def query(self, grid: Grid, node_ids: Iterable[int], round_: int = 0) -> list[int]:
         """Ask the nodes not asked yet for their declarations.
@@ -135,6 +137,7 @@ class NodeBook:
                         record = reply.content.config_records.get(NODE_RECORD)
                         if record is None:
                             raise ReplyError(node, NODE_RECORD, "no ConfigRecord 'node' in the query reply")
+                        note = budget_note(record, node)  # lora-rank="auto": the budget it was chosen by
                         decl = NodeDeclaration.from_record(record, node)
                         holder = earlier.get(decl.client_id) if decl.client_id else None
                         if holder is not None and holder != node and holder in live:
@@ -142,6 +145,7 @@ class NodeBook:
                                 node, "node[client-id]", f"{decl.client_id!r} is node {holder}'s client"
                             )
                         self.declared[node] = decl
+                        self.budgets[node] = note
                         if decl.client_id and self._owner.get(decl.client_id) not in live:
                             self._owner[decl.client_id] = node
                     except ReplyError as exc:
@@ -185,3 +189,4 @@ class NodeBook:
     def forget(self, node: int) -> None:
         """Drop a node's cached declaration (it is asked again if it comes back)."""
         self.declared.pop(node, None)
+        self.budgets.pop(node, None)
