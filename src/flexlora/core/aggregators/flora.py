@@ -25,7 +25,19 @@ from flexlora.core.aggregators.base import (
 from flexlora.core.lora import LoraFactors, LoraUpdate, LowRank
 from flexlora.core.svd import svd_lowrank_product
 
-__all__ = ["FLoRA"]
+__all__ = ["FLoRA", "accumulate"]
+
+
+def accumulate(previous: GlobalState | None, name: str, B: torch.Tensor, A: torch.Tensor) -> LowRank:
+    """The cumulative state ``[B_prev | B] [A_prev; A]`` of module ``name`` (``B`` (d, r), ``A`` (r, k)),
+    recompressed exactly by a dense SVD once it is wider than ``min(d, k)``."""
+    if previous is not None and name in previous.modules and previous.modules[name].B.any():
+        B = torch.cat([previous.modules[name].B.float(), B], dim=1)
+        A = torch.cat([previous.modules[name].A.float(), A], dim=0)
+    if B.shape[1] > min(B.shape[0], A.shape[1]):
+        U, S, Vh = svd_lowrank_product(B, A, route="dense")
+        B, A = U * S, Vh
+    return LowRank(B, A)
 
 
 class FLoRA(Aggregator):
@@ -40,13 +52,7 @@ class FLoRA(Aggregator):
         modules = {}
         for name in updates[0].modules:
             B, A = stack_scaled([u.modules[name] for u in updates], weights, torch.float32)  # (d, R), (R, k)
-            if previous is not None and name in previous.modules and previous.modules[name].B.any():
-                B = torch.cat([previous.modules[name].B.float(), B], dim=1)
-                A = torch.cat([previous.modules[name].A.float(), A], dim=0)
-            if B.shape[1] > min(B.shape[0], A.shape[1]):
-                U, S, Vh = svd_lowrank_product(B, A, route="dense")
-                B, A = U * S, Vh
-            modules[name] = LowRank(B, A)
+            modules[name] = accumulate(previous, name, B, A)
         return GlobalState(modules, self.name)
 
     def payload(

@@ -21,19 +21,13 @@ The paper's two settings are ``tau`` tuned for accuracy (FLoRIST-O) and the smal
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
 
-from flexlora.core.aggregators.base import (
-    Aggregator,
-    GlobalState,
-    client_weights,
-    exact_factors,
-    stack_scaled,
-    validate_updates,
-)
-from flexlora.core.lora import LoraFactors, LoraUpdate, LowRank
+from flexlora.core.aggregators.base import GlobalState, client_weights, stack_scaled, validate_updates
+from flexlora.core.aggregators.flora import FLoRA, accumulate
+from flexlora.core.lora import LoraUpdate
 from flexlora.core.svd import svd_lowrank_product
 
 __all__ = ["FLoRIST", "energy_rank"]
@@ -50,7 +44,7 @@ def energy_rank(S: torch.Tensor, threshold: float) -> int:
     return int(reached[0]) + 1 if len(reached) else len(S)
 
 
-class FLoRIST(Aggregator):
+class FLoRIST(FLoRA):
     """Exact stacked aggregation, singular-value thresholding to one shared global rank per module.
 
     Args:
@@ -58,7 +52,6 @@ class FLoRIST(Aggregator):
     """
 
     name = "florist"
-    fresh_adapter_each_round = True
 
     def __init__(self, threshold: float = 0.9):
         if not 0 < threshold <= 1:
@@ -78,19 +71,5 @@ class FLoRIST(Aggregator):
             U, S, Vh = svd_lowrank_product(Bs, As, max_rank=Bs.shape[1])
             k = energy_rank(S, self.threshold)
             kept.append(k)
-            B, A = U[:, :k] * S[:k], Vh[:k]
-            if previous is not None and name in previous.modules and previous.modules[name].B.any():
-                B = torch.cat([previous.modules[name].B.float(), B], dim=1)
-                A = torch.cat([previous.modules[name].A.float(), A], dim=0)
-            if B.shape[1] > min(B.shape[0], A.shape[1]):
-                U, S, Vh = svd_lowrank_product(B, A, route="dense")
-                B, A = U * S, Vh
-            modules[name] = LowRank(B, A)
+            modules[name] = accumulate(previous, name, U[:, :k] * S[:k], Vh[:k])
         return GlobalState(modules, self.name, info={"florist_mean_rank": sum(kept) / len(kept)})
-
-    def payload(
-        self, state: GlobalState, ranks: Mapping[str, int], alpha: float, use_rslora: bool = False
-    ) -> dict[str, LoraFactors]:
-        """The whole cumulative state at its own rank ``q`` (requested ranks are ignored)."""
-        full = exact_factors(state, alpha, use_rslora)
-        return {name: full[name] for name in ranks}
