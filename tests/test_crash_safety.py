@@ -66,8 +66,8 @@ elif point == "train":
     import torch
     wrap(torch.optim.AdamW, "step")
 elif point == "aggregate":
-    import flexlora.core.aggregators.flexlora as m
-    wrap(m, "svd_lowrank_product")
+    from flexlora.core.lowrank_sum import LowRankSum
+    wrap(LowRankSum, "svd")
 elif point == "write":
     import flexlora.checkpoint as m
     wrap(m, "write_safetensors", after=True)

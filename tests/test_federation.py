@@ -242,3 +242,20 @@ def test_smollm2_two_clients_one_round(tmp_path):
     assert result.final["eval"]["num_examples"] == 2
     r30, _ = read_adapter(result.run_dir / "adapters" / "r30")
     assert {f.rank for f in r30.modules.values()} == {30}
+
+
+def test_a_non_finite_client_metric_is_left_out_of_the_round_mean_with_a_logged_reason(caplog):
+    from flexlora.core.lora import LoraUpdate
+    from flexlora.engines.jobs import TrainResult
+    from flexlora.federation import _weighted_mean
+
+    results = [
+        TrainResult(LoraUpdate({}, num_examples=1, client_id="a"), {"train_loss": 1.0}),
+        TrainResult(LoraUpdate({}, num_examples=3, client_id="b"), {"train_loss": 2.0}),
+        TrainResult(LoraUpdate({}, num_examples=5, client_id="c"), {"train_loss": float("inf")}),
+        TrainResult(LoraUpdate({}, num_examples=5, client_id="d"), {"train_loss": float("nan")}),
+        TrainResult(LoraUpdate({}, num_examples=5, client_id="e"), {}),
+    ]
+    assert _weighted_mean(results, "train_loss") == pytest.approx((1.0 + 3 * 2.0) / 4)
+    assert "client c: train_loss = inf is not finite" in caplog.text and "client d" in caplog.text
+    assert _weighted_mean(results[2:], "train_loss") is None

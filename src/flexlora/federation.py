@@ -381,7 +381,20 @@ class Federation:
 
 
 def _weighted_mean(results: list[TrainResult], key: str) -> float | None:
-    pairs = [(r.update.num_examples, r.metrics[key]) for r in results if key in r.metrics]
+    """``sum_i n_i m_i / sum_i n_i`` over the clients that report ``key``; a value that is not finite (a
+    diverged client) is left out with a logged reason, never averaged into the round's metrics."""
+    pairs = []
+    for r in results:
+        value = r.metrics.get(key)
+        if value is not None and not math.isfinite(value):
+            log.warning(
+                "client %s: %s = %r is not finite; left out of the round's mean",
+                r.update.client_id,
+                key,
+                value,
+            )
+        elif value is not None:
+            pairs.append((r.update.num_examples, value))
     total = sum(n for n, _ in pairs)
     return sum(n * v for n, v in pairs) / total if total else None
 

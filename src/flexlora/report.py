@@ -34,8 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from flexlora.core.safe_load import load_json, load_yaml_file
 from flexlora.progress import advance, finish_phase
 from flexlora.stats import SeedTest, SignFlip, holm, mean_sd, seed_test, sign_flip_test
 
@@ -102,7 +101,7 @@ class RunRecord:
 def _identity(run_dir: Path, config: Mapping[str, Any]) -> tuple[str, str, int]:
     cell = run_dir / "cell.json"
     if cell.is_file():
-        c = json.loads(cell.read_text())
+        c = load_json(cell)
         return c["label"], c["distribution"], int(c["seed"])
     fed = config["federation"]
     dist = fed["distribution"]
@@ -138,12 +137,12 @@ def load_run(run_dir: str | Path, last: int = 1, finished_only: bool = True) -> 
         last: average each metric over the last ``last`` evaluations that have it.
     """
     run_dir = Path(run_dir)
-    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    config = load_yaml_file(run_dir / "config.yaml")
     rounds = int(config["federation"]["rounds"])
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return None
-    metrics = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    metrics = [load_json(x.encode(), str(path)) for x in path.read_text().splitlines() if x.strip()]
     for m in metrics:
         if isinstance(m.get("eval"), dict):
             normalize_eval(m["eval"])
@@ -173,7 +172,7 @@ def collect_runs(paths: Sequence[str | Path], last: int = 1) -> tuple[list[RunRe
     records, plan, seen, cells = [], {}, set(), set()
     for p in map(Path, paths):
         if not plan and (p / "plan.json").is_file():
-            plan = json.loads((p / "plan.json").read_text())
+            plan = load_json(p / "plan.json")
         dirs = [p] if (p / "config.yaml").is_file() else sorted(x.parent for x in p.rglob("config.yaml"))
         for d in dirs:
             if d.resolve() in seen or d.name == "checkpoint":
