@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from flexlora.checkpoint import ServerState, save_checkpoint
+from flexlora.contracts import Engine, TrainFailure, TrainJob, TrainResult
 from flexlora.core.aggregators import Aggregator, GlobalState
 from flexlora.core.aggregators.base import exact_factors, leading_factors
 from flexlora.core.errors import AggregationError
@@ -31,8 +32,6 @@ from flexlora.core.lora import LoraFactors
 from flexlora.core.privacy import PrivateAggregator
 from flexlora.core.ranks import RankType, module_ranks
 from flexlora.core.validation import UpdateLimits, UpdateRejected, check_update
-from flexlora.engines.base import Engine
-from flexlora.engines.jobs import TrainFailure, TrainJob, TrainResult
 
 __all__ = ["Federation", "FederationPlan", "derive_seed"]
 

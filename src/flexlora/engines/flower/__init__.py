@@ -8,8 +8,9 @@
 Importing this package does not import the apps (they load models on first use only).
 """
 
-from flexlora.engines.flower.engine import FlowerEngine, simulation_engine
+from flexlora.engines.flower.engine import FlowerEngine
 from flexlora.engines.flower.records import NodeDeclaration, ReplyError
+from flexlora.engines.flower.simulation import simulation_engine
 from flexlora.engines.flower.strategy import FlexLoRAStrategy
 
 __all__ = ["FlexLoRAStrategy", "FlowerEngine", "NodeDeclaration", "ReplyError", "simulation_engine"]

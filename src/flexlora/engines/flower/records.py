@@ -1,6 +1,6 @@
 """Conversion between our types and Flower records, and the checks a node's reply must pass.
 
-A train message (server -> node) carries one client's :class:`~flexlora.engines.jobs.TrainJob`::
+A train message (server -> node) carries one client's :class:`~flexlora.contracts.TrainJob`::
 
     "init"         ArrayRecord   {"<module>.A": (r, k), "<module>.B": (d, r)}   the factors to start from
     "init-lora"    ConfigRecord  {"modules": [...], "alphas": [...], "rslora": [...]}
@@ -30,15 +30,16 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
+from flexlora.contracts import TrainJob, TrainResult
 from flexlora.core.aggregators import GlobalState
 from flexlora.core.lora import LoraFactors, LoraUpdate
 from flexlora.core.ranks import RankType, parse_rank_type
-from flexlora.engines.jobs import TrainJob, TrainResult
 
 __all__ = [
     "MAX_EXAMPLES",
     "NodeDeclaration",
     "ReplyError",
+    "SETTINGS_RECORD",
     "factors_from_records",
     "factors_nbytes",
     "factors_to_records",
@@ -53,6 +54,9 @@ __all__ = [
 
 #: A reply claiming more training examples than this is refused: it would dominate the weighted average.
 MAX_EXAMPLES = 10_000_000
+#: ConfigRecord carrying the client-side settings (model, data, train) as JSON, so that virtual nodes
+#: without a run config of their own train exactly as the in-process engine would.
+SETTINGS_RECORD = "settings"
 _FLOAT_DTYPES = (np.float16, np.float32, np.float64)
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from flwr.app import Context, RecordDict
 
-from flexlora.engines.flower.engine import SETTINGS_RECORD
+from flexlora.engines.flower.records import SETTINGS_RECORD
 from flexlora.engines.flower.settings import client_settings, parse_client_settings, run_config_from_flower
 from flexlora.training import TrainConfig
 

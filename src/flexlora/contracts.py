@@ -1,14 +1,17 @@
-"""What crosses the boundary between the server's round loop and a client, whatever carries it
-(a function call in the local engine, Flower messages in the Flower engine)."""
+"""What crosses the boundary between the server's round loop and a client, whatever carries it (a
+function call in the local engine, Flower messages in the Flower engine): the training job, its result or
+failure, and the engine protocol that carries a round's jobs. It sits below the round loop, so the round
+loop, the client code and every engine import it from here."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from flexlora.core.aggregators.hetlora_cho import TailPenalty
 from flexlora.core.lora import LoraFactors, LoraUpdate
 
-__all__ = ["TrainJob", "TrainResult", "TrainFailure"]
+__all__ = ["TrainJob", "TrainResult", "TrainFailure", "Engine"]
 
 
 @dataclass
@@ -51,3 +54,22 @@ class TrainFailure:
 
     client_id: str
     reason: str
+
+
+class Engine(Protocol):
+    """Carries out one round's training jobs. The local engine calls the client code in-process, one
+    client after another; the Flower engine sends one message per job and collects the replies.
+
+    ``train`` returns one entry per job, in job order: a :class:`TrainResult` or a :class:`TrainFailure`
+    (errors, timeouts, refused replies). It never raises for a single client's failure.
+    """
+
+    name: str
+
+    def train(self, jobs: list[TrainJob]) -> list[TrainResult | TrainFailure]: ...
+
+    def bytes_moved(self) -> tuple[int, int]:
+        """Bytes sent to and received from clients since the last call (payload tensors and replies)."""
+        ...
+
+    def close(self) -> None: ...
