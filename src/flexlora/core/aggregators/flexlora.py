@@ -34,7 +34,7 @@ class FlexLoRA(Aggregator):
     """SVD-based heterogeneous-rank aggregation.
 
     Args:
-        svd: ``auto`` (factored while ``R < min(d, k)``, else dense), ``dense`` or ``factored``.
+        svd: ``auto`` (factored while ``R <= min(d, k) / 2``, else dense), ``dense`` or ``factored``.
         dtype: dtype of the aggregation arithmetic (float32 by default; float64 for reference checks).
 
     Example:

@@ -111,7 +111,7 @@ def start_simulation(
     from flexlora.engines.flower.client_app import app as client_app
 
     per_round = cfg.federation.clients_per_round
-    n = num_supernodes or max(1, min(8, int(per_round) if per_round >= 1 else 2))
+    n = num_supernodes or max(1, min(8, per_round if isinstance(per_round, int) else 2))
     handoff: queue.Queue[Grid] = queue.Queue()
     release = threading.Event()
     failure: list[BaseException] = []
