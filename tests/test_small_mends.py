@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from flexlora.cli import main
 from flexlora.config import ConfigError, load_config
 from flexlora.core.aggregators import GlobalState, make_aggregator
 from flexlora.core.aggregators.base import leading_factors
@@ -98,3 +99,11 @@ def test_run_on_a_study_config_names_the_compare_command(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_config(study)
     assert str(err.value) == f"{study}: this is a study config: run it with `flexlora compare {study}`"
+
+
+def test_flexlora_run_on_a_study_config_says_which_command_to_use(tmp_path, capsys):
+    study = tmp_path / "study.yaml"
+    study.write_text("compare: {methods: [flexlora, fedavg]}\n")
+    assert main(["run", str(study)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"flexlora: error: {study}: this is a study config: run it with `flexlora compare {study}`"

@@ -61,7 +61,7 @@ class FederationPlan:
     rank_types: dict[str, RankType]
     shapes: dict[str, tuple[int, int]]
     rounds: int
-    clients_per_round: float
+    clients_per_round: int | float
     min_clients: int
     seed: int
     alpha: float
