@@ -20,6 +20,7 @@ demo: setup
 
 test: setup
 	$(PY) -m ruff check src tests benchmarks
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
 
 lint: setup

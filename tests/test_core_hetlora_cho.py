@@ -8,11 +8,11 @@ import math
 import pytest
 import torch
 
+from flexlora.contracts import TrainJob
 from flexlora.core.aggregators import make_aggregator
 from flexlora.core.aggregators.hetlora_cho import TailPenalty
 from flexlora.core.lora import LoraFactors, LoraUpdate
 from flexlora.data.examples import ClientData, ClientInfo, Example
-from flexlora.engines.jobs import TrainJob
 from flexlora.models import ALL_PROJECTIONS, LoraHost
 from flexlora.training import TrainConfig, run_train_job
 

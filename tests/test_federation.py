@@ -245,8 +245,8 @@ def test_smollm2_two_clients_one_round(tmp_path):
 
 
 def test_a_non_finite_client_metric_is_left_out_of_the_round_mean_with_a_logged_reason(caplog):
+    from flexlora.contracts import TrainResult
     from flexlora.core.lora import LoraUpdate
-    from flexlora.engines.jobs import TrainResult
     from flexlora.federation import _weighted_mean
 
     results = [

@@ -9,11 +9,11 @@ import pytest
 import torch
 from flwr.app import Error, Message
 
+from flexlora.contracts import TrainFailure, TrainJob, TrainResult
 from flexlora.core.lora import LoraFactors
 from flexlora.core.ranks import RankType
 from flexlora.engines.flower import FlowerEngine
 from flexlora.engines.flower.records import factors_nbytes, job_from_content
-from flexlora.engines.jobs import TrainFailure, TrainJob, TrainResult
 from test_flower_fakes import FakeGrid, trainer
 
 SHAPES = {"q_proj": (8, 6), "v_proj": (4, 6)}

@@ -11,10 +11,10 @@ from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
+from flexlora.contracts import TrainResult
 from flexlora.core.lora import LoraFactors, LoraUpdate
 from flexlora.engines.flower.nodes import NODE_RECORD
 from flexlora.engines.flower.records import NodeDeclaration, job_from_content, node_declaration, reply_content
-from flexlora.engines.jobs import TrainResult
 
 Handler = Callable[[Message], Message | None]
 

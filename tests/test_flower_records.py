@@ -7,6 +7,7 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
+from flexlora.contracts import TrainJob, TrainResult
 from flexlora.core.aggregators import GlobalState
 from flexlora.core.lora import LoraFactors, LoraUpdate
 from flexlora.core.ranks import RankType
@@ -24,7 +25,6 @@ from flexlora.engines.flower.records import (
     state_to_arrays,
     update_from_reply,
 )
-from flexlora.engines.jobs import TrainJob, TrainResult
 
 SHAPES = {"layers.0.q_proj": (8, 6), "layers.0.mlp.up_proj": (10, 6)}
 

@@ -373,8 +373,8 @@ def test_response_logits_match_the_full_forward(tiny):
 
 
 def test_smollm2_loads_runs_and_trains_one_step():
+    from flexlora.contracts import TrainJob
     from flexlora.data.examples import ClientData, ClientInfo, Example
-    from flexlora.engines.jobs import TrainJob
     from flexlora.training import TrainConfig, run_train_job
 
     start = time.perf_counter()

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from flexlora.contracts import TrainJob
 from flexlora.core.lora import LoraFactors
 from flexlora.data.examples import ClientData, ClientInfo, Example
-from flexlora.engines.jobs import TrainJob
 from flexlora.models import ALL_PROJECTIONS, LoraHost, load_model
 from flexlora.prompts import collate, encode_example
 from flexlora.training import LENGTH_WINDOW, TrainConfig, batch_order, group_by_length, run_train_job

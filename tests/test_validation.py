@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from flexlora.checkpoint import load_checkpoint
+from flexlora.contracts import TrainFailure, TrainJob, TrainResult
 from flexlora.core.aggregators import make_aggregator
 from flexlora.core.errors import AggregationError
 from flexlora.core.lora import LoraFactors, LoraUpdate
@@ -21,7 +22,6 @@ from flexlora.core.validation import (
     norm_upper_bound,
     update_norm,
 )
-from flexlora.engines.jobs import TrainFailure, TrainJob, TrainResult
 from flexlora.federation import Federation, FederationPlan
 
 SHAPES = {"layers.0.q_proj": (8, 6), "layers.0.v_proj": (4, 6), "layers.0.up_proj": (10, 6)}

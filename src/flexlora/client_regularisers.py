@@ -12,8 +12,8 @@ from collections.abc import Iterator
 
 import torch
 
+from flexlora.contracts import TrainJob
 from flexlora.core.lora import LoraFactors
-from flexlora.engines.jobs import TrainJob
 from flexlora.models import LoraHost
 
 __all__ = ["regularised"]

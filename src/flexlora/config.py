@@ -88,8 +88,9 @@ class FederationConfig:
     ``distribution``: ``homo``, ``uniform``, ``heavy-tail-light``, ``heavy-tail-strong``, ``normal``, or an
     explicit list of rank types (``[r8, r200, attn30-mlp200]``), or ``budgets``: each client takes the largest
     rank type that fits its entry of ``budgets`` (cycled; ``{memory_gb: 4, seconds_per_round: 60}``, see
-    :mod:`flexlora.budget`). ``clients_per_round``: a count (>= 1) or a
-    fraction of the pool (< 1). ``min_clients``: valid updates needed for a round to count.
+    :mod:`flexlora.budget`). ``clients_per_round``: a count (an integer >= 1) or a fraction of the pool (a
+    float in (0, 1]: ``1.0`` is every client, ``1`` is one client). ``min_clients``: valid updates needed
+    for a round to count.
     ``slora_rounds``: the first rounds of ``slora`` / ``slora+flexlora`` that do sparse fine-tuning (stage 1,
     :mod:`flexlora.slora`); ``slora_density``: mask density of every client (None: as many parameters as the
     client's LoRA, ``r (d + k) / (d k)``); ``slora_lr``: stage-1 learning rate (None: ``train.lr``).
@@ -273,11 +274,11 @@ def _check(cfg: RunConfig, errors: list[str]) -> None:
     for key in ("eval_clients", "eval_trained_clients"):
         if (getattr(fed, key) or 0) < 0:
             errors.append(f"federation.{key}: must be >= 0, got {getattr(fed, key)}")
-    if fed.clients_per_round <= 0 or (
-        fed.clients_per_round > 1 and fed.clients_per_round != int(fed.clients_per_round)
-    ):
+    k = fed.clients_per_round
+    if isinstance(k, bool) or not (0 < k <= 1 if isinstance(k, float) else isinstance(k, int) and k >= 1):
         errors.append(
-            f"federation.clients_per_round: a fraction in (0, 1] or a whole count, got {fed.clients_per_round}"
+            f"federation.clients_per_round: a fraction in (0, 1] written with a point (1.0: every client) "
+            f"or a whole count (an integer >= 1), got {k!r}"
         )
     if fed.method in SLORA_METHODS:
         if not 1 <= fed.slora_rounds < fed.rounds:
@@ -426,6 +427,8 @@ def load_config(
             raise ConfigError(str(exc)) from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
+        if "compare" in raw:
+            raise ConfigError(f"{path}: this is a study config: run it with `flexlora compare {path}`")
     raw = apply_overrides(raw, overrides or [])
     errors: list[str] = []
     cfg = _build(RunConfig, raw, "", errors)

@@ -8,6 +8,7 @@ same clients, batches and initial ``A`` (paired schedules), and a resumed run re
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -24,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from flexlora.checkpoint import ServerState, save_checkpoint
+from flexlora.contracts import Engine, TrainFailure, TrainJob, TrainResult, stream_outcomes
 from flexlora.core.aggregators import Aggregator, GlobalState
 from flexlora.core.aggregators.base import exact_factors, leading_factors
 from flexlora.core.errors import AggregationError
@@ -31,8 +33,6 @@ from flexlora.core.lora import LoraFactors, LoraUpdate
 from flexlora.core.privacy import PrivateAggregator
 from flexlora.core.ranks import RankType, module_ranks
 from flexlora.core.validation import UpdateLimits, UpdateRejected, check_update
-from flexlora.engines.base import Engine, stream_outcomes
-from flexlora.engines.jobs import TrainFailure, TrainJob, TrainResult
 
 __all__ = ["Federation", "FederationPlan", "derive_seed"]
 
@@ -61,7 +61,7 @@ class FederationPlan:
     rank_types: dict[str, RankType]
     shapes: dict[str, tuple[int, int]]
     rounds: int
-    clients_per_round: float
+    clients_per_round: int | float
     min_clients: int
     seed: int
     alpha: float
@@ -72,11 +72,11 @@ class FederationPlan:
         return module_ranks(self.rank_types[client_id], self.shapes)
 
     def sample(self, round_: int, attempt: int = 0, exclude: Collection[str] = ()) -> list[str]:
-        """Clients of a round: ``clients_per_round`` of the pool (a count, or a fraction if < 1). A retry
+        """Clients of a round: ``clients_per_round`` of the pool (an int: a count; a float: a fraction). A retry
         (``attempt > 0``) draws afresh, seeded by ``(seed, round, attempt)``, from the clients not in
         ``exclude`` (those that failed earlier attempts), or from the whole pool if none is left."""
         k = self.clients_per_round
-        n = math.ceil(k * len(self.pool)) if k < 1 else min(int(k), len(self.pool))
+        n = math.ceil(k * len(self.pool)) if isinstance(k, float) else min(k, len(self.pool))
         if attempt == 0:
             return sorted(random.Random(derive_seed(self.seed, "sample", round_)).sample(self.pool, n))
         pool = [c for c in self.pool if c not in exclude] or self.pool
@@ -159,21 +159,20 @@ class Federation:
         """Each client's payload at its own ranks. FLoRA-style methods start a fresh adapter on top of the
         (frozen) global update; FFA-LoRA freezes ``A``."""
         plan, agg = self.plan, self.aggregator
+        global_state = dataclasses.replace(
+            state.global_state, seed=derive_seed(plan.seed, "complete", round_)
+        )
         jobs = []
         for cid in clients:
             ranks = plan.ranks(cid)
             if agg.fresh_adapter_each_round:
-                fresh = GlobalState.initial(
-                    plan.shapes, ranks, agg.name, derive_seed(plan.seed, "fresh", round_)
-                )
+                # round 1 starts from the shared initial A, like every other method
+                fresh_seed = plan.seed if round_ == 1 else derive_seed(plan.seed, "fresh", round_)
+                fresh = GlobalState.initial(plan.shapes, ranks, agg.name, fresh_seed)
                 init = leading_factors(fresh, ranks, plan.alpha, plan.use_rslora)
-                frozen = (
-                    agg.payload(state.global_state, ranks, plan.alpha, plan.use_rslora)
-                    if round_ > 1
-                    else None
-                )
+                frozen = agg.payload(global_state, ranks, plan.alpha, plan.use_rslora) if round_ > 1 else None
             else:
-                init = agg.payload(state.global_state, ranks, plan.alpha, plan.use_rslora)
+                init = agg.payload(global_state, ranks, plan.alpha, plan.use_rslora)
                 frozen = None
             jobs.append(
                 TrainJob(

@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from flexlora.report import mean_sd
+from flexlora.stats import mean_sd
 
 __all__ = [
     "comparison_plots",

@@ -17,6 +17,7 @@ progressed past its first checkpoint but the checkpoint is gone, and does nothin
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import logging
 import platform
@@ -167,14 +168,18 @@ def write_outputs(run_dir: Path, state, plan: FederationPlan, aggregator, model_
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
 
 
+#: ``federation.engine`` -> ``"module:factory"``, a factory taking ``(cfg, host, tokenizer, source, progress)``.
+#: The engines are the top floor and import the round loop; the round loop only names them, and imports the
+#: one a run asks for when the run starts.
+_ENGINE_FACTORIES = {
+    "local": "flexlora.engines.local:local_engine",
+    "flower": "flexlora.engines.flower.simulation:flower_engine",
+}
+
+
 def _engine(cfg: RunConfig, host, tokenizer, source, progress: bool):
-    if cfg.federation.engine == "flower":
-        from flexlora.engines.flower.engine import simulation_engine
-
-        return simulation_engine(cfg)
-    from flexlora.engines.local import LocalEngine
-
-    return LocalEngine(host, tokenizer, source, cfg.train, progress=progress)
+    module, factory = _ENGINE_FACTORIES[cfg.federation.engine].split(":")
+    return getattr(importlib.import_module(module), factory)(cfg, host, tokenizer, source, progress)
 
 
 def _rank_types(cfg: RunConfig, host, clients: list[str], resumed: Path | None) -> tuple[list, list[dict]]:

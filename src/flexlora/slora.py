@@ -38,11 +38,11 @@ from torch import nn
 from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
+from flexlora.contracts import TrainFailure, TrainResult
 from flexlora.core.aggregators.base import GlobalState
 from flexlora.core.errors import AggregationError
 from flexlora.core.lora import LowRank
 from flexlora.data.examples import ClientData
-from flexlora.engines.jobs import TrainFailure, TrainResult
 from flexlora.models import model_device
 from flexlora.training import TrainConfig, optimise
 

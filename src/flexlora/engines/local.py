@@ -7,10 +7,10 @@ from collections.abc import Iterator
 
 from tqdm.auto import tqdm
 
+from flexlora.contracts import TrainFailure, TrainJob, TrainResult
 from flexlora.core.lora import factors_nbytes
-from flexlora.engines.jobs import TrainFailure, TrainJob, TrainResult
 
-__all__ = ["LocalEngine"]
+__all__ = ["LocalEngine", "local_engine"]
 
 log = logging.getLogger(__name__)
 
@@ -62,3 +62,8 @@ class LocalEngine:
 
     def close(self) -> None:
         pass
+
+
+def local_engine(cfg, host, tokenizer, source, progress: bool) -> LocalEngine:
+    """``federation.engine: local``: clients of ``source`` trained on ``host``, one after another."""
+    return LocalEngine(host, tokenizer, source, cfg.train, progress=progress)

@@ -40,12 +40,15 @@ class GlobalState:
 
     ``svd_form``: every module is already an SVD, ``B = U S`` and ``A = V^T`` (orthonormal columns of ``U``
     and rows of ``V^T``, ``S`` descending), so its singular values are the column norms of ``B``.
+    ``seed``: seeds the fresh ``A`` rows of payloads cut beyond its rank (:func:`leading_factors`, per module);
+    the round loop sets it from the run's seed and the round.
     """
 
     modules: dict[str, LowRank]
     method: str
     info: dict[str, float] = field(default_factory=dict)
     svd_form: bool = False
+    seed: int = 0
 
     def singular_values(self, name: str, top: int | None = None) -> torch.Tensor:
         """Singular values of ``dW`` for one module, descending: ``B``'s column norms in SVD form, else the
@@ -174,7 +177,8 @@ def leading_factors(
     state: GlobalState, ranks: Mapping[str, int], alpha: float, use_rslora: bool = False
 ) -> dict[str, LoraFactors]:
     """Cut rank-``r`` factors from a state: ``B = B_g[:, :r] / s_r`` and ``A = A_g[:r]``; beyond the state's
-    rank, zero ``B`` columns and fresh orthonormal ``A`` rows (:func:`complete_rows`).
+    rank, zero ``B`` columns and fresh orthonormal ``A`` rows (:func:`complete_rows`, seeded by ``state.seed``
+    and the module's name, so each module, round and run draws its own).
 
     Raises:
         AggregationError: a rank is negative or above ``min(d, k)`` of its module (clip with
@@ -189,7 +193,8 @@ def leading_factors(
                 f"ranks must lie in [0, min(d, k) = {min(lr.shape)}]"
             )
         B = pad_columns(lr.B[:, :r], r) / lora_scale(alpha, r, use_rslora)
-        out[name] = LoraFactors(complete_rows(lr.A, r), B, alpha, use_rslora)
+        A = complete_rows(lr.A, r, seed=state.seed * 1_000_003 + zlib.crc32(name.encode()))
+        out[name] = LoraFactors(A, B, alpha, use_rslora)
     return out
 
 

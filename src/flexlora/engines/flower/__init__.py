@@ -15,7 +15,7 @@ __all__ = ["FlexLoRAStrategy", "FlowerEngine", "NodeDeclaration", "ReplyError", 
 _WHERE = {
     "FlexLoRAStrategy": "strategy",
     "FlowerEngine": "engine",
-    "simulation_engine": "engine",
+    "simulation_engine": "simulation",
     "NodeDeclaration": "records",
     "ReplyError": "records",
 }

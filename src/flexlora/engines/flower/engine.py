@@ -24,36 +24,33 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 from flwr.app import ConfigRecord, Message, MessageType
 from flwr.serverapp import Grid
 
+from flexlora.contracts import TrainFailure, TrainJob, TrainResult
 from flexlora.core.ranks import RankType
 from flexlora.engines.flower.nodes import NodeBook, exchange, wait_for_nodes
 from flexlora.engines.flower.records import (
     MAX_EXAMPLES,
+    SETTINGS_RECORD,
     ReplyError,
     factors_nbytes,
     job_to_content,
     update_from_reply,
 )
-from flexlora.engines.jobs import TrainFailure, TrainJob, TrainResult
 
-__all__ = ["FlowerEngine", "Placement", "SETTINGS_RECORD", "serving", "simulation_engine"]
+__all__ = ["FlowerEngine", "Placement"]
 
 log = logging.getLogger(__name__)
 
 Placement = Literal["simulation", "deployment"]
-#: ConfigRecord carrying the client-side settings (model, data, train) as JSON, so that virtual nodes
-#: without a run config of their own train exactly as the in-process engine would.
-SETTINGS_RECORD = "settings"
 
 
 class FlowerEngine:
-    """Implements :class:`flexlora.engines.base.Engine` on a Flower ``Grid`` inside a ServerApp.
+    """Implements :class:`flexlora.contracts.Engine` on a Flower ``Grid`` inside a ServerApp.
 
     Args:
         grid: the ServerApp's grid.
@@ -245,48 +242,3 @@ class FlowerEngine:
         if self._on_close is not None:
             on_close, self._on_close = self._on_close, None
             on_close()
-
-
-_SERVING: dict[str, Any] = {}  # the grid of the ServerApp now running in this process, if any
-
-
-@contextmanager
-def serving(
-    grid: Grid, placement: Placement = "simulation", **engine_options: Any
-) -> Iterator[list[FlowerEngine]]:
-    """Inside a ServerApp's ``main``: make :func:`simulation_engine` return engines on ``grid``, so the
-    ``flexlora run`` recipe runs unchanged on the ServerApp's nodes.
-
-    Yields:
-        The list of engines built meanwhile (for their per-round records).
-    """
-    engines: list[FlowerEngine] = []
-    _SERVING.update(grid=grid, placement=placement, options=engine_options, engines=engines)
-    try:
-        yield engines
-    finally:
-        _SERVING.clear()
-
-
-def simulation_engine(cfg: Any, **options: Any) -> FlowerEngine:
-    """The Flower engine for ``cfg`` (a :class:`flexlora.config.RunConfig`, ``federation.engine: flower``).
-
-    Inside a ServerApp (see :func:`serving`): an engine on the ServerApp's grid. Elsewhere: Flower's
-    simulation runtime started in this process (see :func:`.simulation.start_simulation`, which takes
-    ``options``); ``engine.close()`` stops it.
-    """
-    from flexlora.engines.flower.settings import client_settings
-
-    if _SERVING:
-        engine = FlowerEngine(
-            _SERVING["grid"],
-            _SERVING["placement"],
-            settings=client_settings(cfg),
-            max_examples=cfg.security.max_examples,
-            **_SERVING["options"],
-        )
-        _SERVING["engines"].append(engine)
-        return engine
-    from flexlora.engines.flower.simulation import start_simulation
-
-    return start_simulation(cfg, **options)

@@ -136,7 +136,7 @@ def forward(kind: str, content: RecordDict, context: Context) -> RecordDict:
 
 # --------------------------------------------------------------------------------------------- service side
 def _answer(header: dict, content: RecordDict) -> RecordDict:
-    from flexlora.engines.flower.client_app import evaluate_reply, train_reply
+    from flexlora.engines.flower.worker import evaluate_reply, train_reply
 
     handlers = {"train": train_reply, "evaluate": evaluate_reply}
     if header.get("kind") not in handlers:

@@ -1,6 +1,6 @@
 """Conversion between our types and Flower records, and the checks a node's reply must pass.
 
-A train message (server -> node) carries one client's :class:`~flexlora.engines.jobs.TrainJob`::
+A train message (server -> node) carries one client's :class:`~flexlora.contracts.TrainJob`::
 
     "init"         ArrayRecord   {"<module>.A": (r, k), "<module>.B": (d, r)}   the factors to start from
     "init-lora"    ConfigRecord  {"modules": [...], "alphas": [...], "rslora": [...]}
@@ -34,16 +34,17 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.common.constant import SType
 
+from flexlora.contracts import TrainJob, TrainResult
 from flexlora.core.aggregators import GlobalState
 from flexlora.core.lora import LoraFactors, LoraUpdate, alpha_problem
 from flexlora.core.ranks import RankType, parse_rank_type
-from flexlora.engines.jobs import TrainJob, TrainResult
 
 __all__ = [
     "MAX_EXAMPLES",
     "NodeDeclaration",
     "ReplyError",
     "decode_array",
+    "SETTINGS_RECORD",
     "factors_from_records",
     "factors_nbytes",
     "factors_to_records",
@@ -63,6 +64,9 @@ log = logging.getLogger(__name__)
 MAX_EXAMPLES = 10_000_000
 #: Scalar metrics kept from one reply (ours send five).
 MAX_METRICS = 32
+#: ConfigRecord carrying the client-side settings (model, data, train) as JSON, so that virtual nodes
+#: without a run config of their own train exactly as the in-process engine would.
+SETTINGS_RECORD = "settings"
 _FLOAT_DTYPES = (np.float16, np.float32, np.float64)
 _MAX_NPY_HEADER = 10_000  # numpy's own default limit for a header it parses
 

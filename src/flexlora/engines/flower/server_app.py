@@ -20,8 +20,9 @@ import logging
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from flexlora.engines.flower.engine import FlowerEngine, serving
+from flexlora.engines.flower.engine import FlowerEngine
 from flexlora.engines.flower.settings import client_settings, run_config_from_flower
+from flexlora.engines.flower.simulation import serving
 
 __all__ = ["app"]
 

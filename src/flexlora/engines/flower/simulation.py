@@ -17,18 +17,67 @@ import queue
 import signal
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from flexlora.engines.flower.engine import FlowerEngine
+from flexlora.engines.flower.engine import FlowerEngine, Placement
 from flexlora.engines.flower.settings import client_settings
 
-__all__ = ["start_simulation"]
+__all__ = ["flower_engine", "serving", "simulation_engine", "start_simulation"]
 
 log = logging.getLogger(__name__)
+
+
+_SERVING: dict[str, Any] = {}  # the grid of the ServerApp now running in this process, if any
+
+
+@contextmanager
+def serving(
+    grid: Grid, placement: Placement = "simulation", **engine_options: Any
+) -> Iterator[list[FlowerEngine]]:
+    """Inside a ServerApp's ``main``: make :func:`simulation_engine` return engines on ``grid``, so the
+    ``flexlora run`` recipe runs unchanged on the ServerApp's nodes.
+
+    Yields:
+        The list of engines built meanwhile (for their per-round records).
+    """
+    engines: list[FlowerEngine] = []
+    _SERVING.update(grid=grid, placement=placement, options=engine_options, engines=engines)
+    try:
+        yield engines
+    finally:
+        _SERVING.clear()
+
+
+def simulation_engine(cfg: Any, **options: Any) -> FlowerEngine:
+    """The Flower engine for ``cfg`` (a :class:`flexlora.config.RunConfig`, ``federation.engine: flower``).
+
+    Inside a ServerApp (see :func:`serving`): an engine on the ServerApp's grid. Elsewhere: Flower's
+    simulation runtime started in this process (see :func:`start_simulation`, which takes
+    ``options``); ``engine.close()`` stops it.
+    """
+    if _SERVING:
+        engine = FlowerEngine(
+            _SERVING["grid"],
+            _SERVING["placement"],
+            settings=client_settings(cfg),
+            max_examples=cfg.security.max_examples,
+            **_SERVING["options"],
+        )
+        _SERVING["engines"].append(engine)
+        return engine
+    return start_simulation(cfg, **options)
+
+
+def flower_engine(cfg: Any, host: Any, tokenizer: Any, source: Any, progress: bool) -> FlowerEngine:
+    """``federation.engine: flower``: :func:`simulation_engine` for ``cfg``. The round loop's own model and
+    data source go unused: the nodes load their own from the settings each job carries."""
+    return simulation_engine(cfg)
 
 
 def start_simulation(
@@ -62,7 +111,7 @@ def start_simulation(
     from flexlora.engines.flower.client_app import app as client_app
 
     per_round = cfg.federation.clients_per_round
-    n = num_supernodes or max(1, min(8, int(per_round) if per_round >= 1 else 2))
+    n = num_supernodes or max(1, min(8, per_round if isinstance(per_round, int) else 2))
     handoff: queue.Queue[Grid] = queue.Queue()
     release = threading.Event()
     failure: list[BaseException] = []

@@ -32,6 +32,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from flexlora.checkpoint import ServerState
+from flexlora.contracts import TrainJob
 from flexlora.core.aggregators import GlobalState, make_aggregator
 from flexlora.core.lora import LoraUpdate, alpha_problem
 from flexlora.core.ranks import module_ranks
@@ -47,7 +48,6 @@ from flexlora.engines.flower.records import (
     state_to_arrays,
     update_from_reply,
 )
-from flexlora.engines.jobs import TrainJob
 from flexlora.federation import Federation, FederationPlan, derive_seed
 
 __all__ = ["FlexLoRAStrategy"]

@@ -8,19 +8,20 @@ model and SmolLM2's safetensors cache load in about a second).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from flwr.app import Context, RecordDict
+from flwr.app import Context, MetricRecord, RecordDict
 
-from flexlora.engines.flower.engine import SETTINGS_RECORD
+from flexlora.engines.flower.records import SETTINGS_RECORD
 from flexlora.engines.flower.settings import client_settings, parse_client_settings, run_config_from_flower
 from flexlora.training import TrainConfig
 
-__all__ = ["Worker", "worker_for", "own_client"]
+__all__ = ["Worker", "worker_for", "own_client", "train_reply", "evaluate_reply"]
 
 log = logging.getLogger(__name__)
 
@@ -93,3 +94,38 @@ def own_client(source: Any, node_config: Mapping[str, Any]) -> str:
     if len(ids) == 1:
         return ids[0]
     raise ValueError(f"set client-id in the node config: {source!r} has {len(ids)} clients")
+
+
+def train_reply(content: RecordDict, context: Context) -> RecordDict:
+    """The reply content of a ``train`` message: the trained update and its metrics."""
+    from flexlora.engines.flower.records import job_from_content, reply_content
+    from flexlora.training import run_train_job
+
+    job = job_from_content(content)
+    worker = worker_for(content, context)
+    if not job.client_id:
+        job = dataclasses.replace(job, client_id=own_client(worker.source, context.node_config))
+    result = run_train_job(
+        worker.host, worker.tokenizer, worker.source.load(job.client_id), job, worker.train
+    )
+    return reply_content(result)
+
+
+def evaluate_reply(content: RecordDict, context: Context) -> RecordDict:
+    """The reply content of an ``evaluate`` message: the sent adapter's loss on the client's examples."""
+    from flexlora.engines.flower.records import job_from_content
+    from flexlora.evaluation import EvalConfig, evaluate_clients
+
+    job = job_from_content(content)
+    worker = worker_for(content, context)
+    client_id = job.client_id or own_client(worker.source, context.node_config)
+    worker.host.load(job.init, frozen=job.frozen)
+    try:
+        cfg = EvalConfig(generate=False, template=worker.train.template, max_length=worker.train.max_length)
+        out = evaluate_clients(
+            worker.host.model, worker.tokenizer, [worker.source.load(client_id)], "eval", cfg
+        )
+    finally:
+        worker.host.unload()
+    metrics = MetricRecord({"num-examples": int(out["num_examples"]), "eval_loss": float(out["loss"])})
+    return RecordDict({"metrics": metrics})
