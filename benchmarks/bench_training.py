@@ -13,7 +13,7 @@ Evaluation: ``evaluate_examples`` on held-out NI clients x 2 test examples with 
 settings: batch 8, 192 tokens, 32 new tokens) against the evaluation as it was before (the same
 teacher-forced pass, then ``model.generate`` on left-padded prompts); predictions are compared.
 
-    flock /work/smollm2.lock python benchmarks/bench_training.py --threads 1 --steps 3 \\
+    python benchmarks/bench_training.py --threads 1 --steps 3 \\
         --out docs/benchmarks-training.md
 """
 
