@@ -259,3 +259,33 @@ def test_a_non_finite_client_metric_is_left_out_of_the_round_mean_with_a_logged_
     assert _weighted_mean(results, "train_loss") == pytest.approx((1.0 + 3 * 2.0) / 4)
     assert "client c: train_loss = inf is not finite" in caplog.text and "client d" in caplog.text
     assert _weighted_mean(results[2:], "train_loss") is None
+
+
+def test_a_checkpoint_of_the_wrong_shape_is_refused_before_the_model_loads(tmp_path, monkeypatch):
+    from flexlora.core.errors import AdapterError
+    from flexlora.core.safetensors_io import write_safetensors
+    from flexlora.models import LoraHost, config_module_shapes, load_model
+
+    model, _ = load_model("tiny")
+    assert config_module_shapes("tiny", ("q_proj", "v_proj")) == LoraHost(model, ("q_proj", "v_proj")).shapes
+    cfg = tiny_config(tmp_path, "federation.rounds=2")
+    real = Federation.run_round
+
+    def crash_in_round_2(self, state):
+        if state.round == 1:
+            raise KeyboardInterrupt("simulated crash")
+        return real(self, state)
+
+    monkeypatch.setattr(Federation, "run_round", crash_in_round_2)  # a run to resume, after round 1
+    with pytest.raises(KeyboardInterrupt):
+        run_federation(cfg, progress=False)
+    monkeypatch.setattr(Federation, "run_round", real)
+    path = cfg.run_dir / "checkpoint" / "global.safetensors"
+    tensors = read_safetensors(path)
+    key = next(k for k in tensors if k.endswith("A"))
+    tensors[key] = torch.zeros(tensors[key].shape[0], tensors[key].shape[1] + 1)
+    write_safetensors(path, tensors)
+    (cfg.run_dir / "checkpoint" / "manifest.json").unlink()  # a pre-manifest checkpoint: shapes still checked
+    monkeypatch.setattr("flexlora.models.load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(AdapterError, match="the model's is"):
+        resume_federation(cfg.run_dir, progress=False)

@@ -38,6 +38,7 @@ __all__ = [
     "load_model",
     "model_device",
     "response_logits",
+    "config_module_shapes",
     "target_module_shapes",
 ]
 
@@ -179,9 +180,18 @@ def _tiny_tokenizer():
 
 
 def _tiny_model(seed: int) -> nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    config = LlamaConfig(
+    with torch.random.fork_rng(devices=[]):  # seeded weights without touching the caller's RNG
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(_tiny_config())
+    return model
+
+
+def _tiny_config():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
         vocab_size=259,
         hidden_size=64,
         intermediate_size=160,
@@ -196,10 +206,6 @@ def _tiny_model(seed: int) -> nn.Module:
         # 5x the usual 0.02: logits then span a few nats, so a LoRA on it visibly learns within tens of steps
         initializer_range=0.1,
     )
-    with torch.random.fork_rng(devices=[]):  # seeded weights without touching the caller's RNG
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
-    return model
 
 
 def _smollm2_gguf() -> Path:
@@ -306,6 +312,28 @@ def _smollm2_cache() -> Path:
 def model_device(model: nn.Module) -> torch.device:
     """The device of the model's first parameter."""
     return next(model.parameters()).device
+
+
+def config_module_shapes(
+    name: str, target_modules: Iterable[str] = DEFAULT_TARGET_MODULES
+) -> dict[str, tuple[int, int]]:
+    """:func:`target_module_shapes` of model ``name`` (as :func:`load_model` names it) from its config alone:
+    the model is built on the meta device, so no weight is read or allocated (about a second for SmolLM2).
+
+    Raises:
+        FileNotFoundError / OSError: as :func:`load_model`, for a model it cannot find offline.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if name == "tiny":
+        config = _tiny_config()
+    else:
+        config = AutoConfig.from_pretrained(
+            _smollm2_cache() if name == "smollm2" else name, local_files_only=True
+        )
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return target_module_shapes(model, target_modules)
 
 
 def target_module_shapes(

@@ -207,7 +207,7 @@ def _setup_logging(run_dir: Path) -> logging.Handler:
 
 def _execute(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool) -> RunResult:
     from flexlora.evaluation import evaluate_clients
-    from flexlora.models import LoraHost, load_model
+    from flexlora.models import LoraHost, config_module_shapes, load_model
 
     # ---------------------------------------------------------------- build
     data = cfg.data
@@ -217,14 +217,16 @@ def _execute(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool) -> Run
     train_ids, validation_ids = split_validation(train_ids, data.num_validation, cfg.federation.seed)
     if data.max_clients is not None and data.max_clients < len(train_ids):
         train_ids = sorted(seeded_rng(cfg.federation.seed, "pool").sample(train_ids, data.max_clients))
+    state = None
+    if resume:  # checked whole, module shapes included (from the model's config), before the model loads
+        state, _ = load_checkpoint(run_dir)
+        check_shapes(
+            state.global_state, config_module_shapes(cfg.model.name, cfg.model.target_modules), run_dir
+        )
     model, tokenizer = load_model(cfg.model.name, cfg.model.dtype, cfg.model.device, seed=cfg.federation.seed)
     host = LoraHost(model, cfg.model.target_modules)
     types, notes = _rank_types(cfg, host, train_ids, run_dir if resume else None)
     plan = make_plan(cfg, dict(zip(train_ids, types, strict=True)), host.shapes)
-    state = None
-    if resume:  # checked against the model before anything is written
-        state, _ = load_checkpoint(run_dir)
-        check_shapes(state.global_state, host.shapes, run_dir)
     pool = validation_ids if data.eval_on == "validation" else heldout_ids
     eval_ids = pool[: cfg.federation.eval_clients] if cfg.federation.eval_clients else pool
     trained_ids = train_ids[: cfg.federation.eval_trained_clients]
