@@ -352,9 +352,26 @@ def run_federation(cfg: RunConfig, overwrite: bool = False, progress: bool = Tru
                 f"{run_dir} already holds a run: resume it with --resume {run_dir}, or --overwrite"
             )
         shutil.rmtree(run_dir)
+    created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        _write_run_files(cfg, run_dir)
+    except OSError:  # a full or failing disk: leave no stub of a run that never started
+        if created:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    handler = _setup_logging(run_dir)
+    try:
+        return _execute(cfg, run_dir, resume=False, progress=progress)
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+
+
+def _write_run_files(cfg: RunConfig, run_dir: Path) -> None:
+    """The marker, ``config.yaml`` (whole or not at all: a resume may start from it) and ``run.json``."""
     write_marker(run_dir, RUN_MARKER, "flexlora run")
-    tmp = run_dir / "config.yaml.tmp"  # written whole or not at all: a resume may start from it
+    tmp = run_dir / "config.yaml.tmp"
     tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     tmp.replace(run_dir / "config.yaml")
     info = {
@@ -368,12 +385,6 @@ def run_federation(cfg: RunConfig, overwrite: bool = False, progress: bool = Tru
         **environment(),
     }
     (run_dir / "run.json").write_text(json.dumps(info, indent=1) + "\n")
-    handler = _setup_logging(run_dir)
-    try:
-        return _execute(cfg, run_dir, resume=False, progress=progress)
-    finally:
-        log.removeHandler(handler)
-        handler.close()
 
 
 def resume_federation(run_dir: str | Path, progress: bool = True) -> RunResult:
