@@ -190,9 +190,11 @@ def child_env(threads: int) -> dict[str, str]:
     }
 
 
-def run_child(spec: dict, timeout: float) -> dict:
+def run_child(spec: dict, timeout: float, flag: str = "--child") -> dict:
+    """Run one measurement in a fresh process (``flag``: ``--child`` or ``--child-stream``); its last stdout
+    line is the result, or ``{"error": ...}``."""
     env = child_env(spec["threads"])
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)]
+    cmd = [sys.executable, str(Path(__file__).resolve()), flag, json.dumps(spec)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
@@ -649,18 +651,6 @@ def stream_child_main(spec: dict) -> dict:
     }
 
 
-def run_stream_child(spec: dict, timeout: float) -> dict:
-    env = child_env(spec["threads"])
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child-stream", json.dumps(spec)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout:.0f}s"}
-    if proc.returncode != 0:
-        return {"error": (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def excess_error(S_exact: list[float], S_top: list[float], r: int) -> float:
     """``||dW - P_r|| / ||dW - P_r^*|| - 1`` for the top route's rank-r payload ``P_r`` against the best one
     (Eckart-Young). Randomized SVD's ``P_r`` is the projection of ``dW`` onto its top-r left vectors, so
@@ -698,7 +688,7 @@ def part_stream(bench: Bench) -> Section:
             spec = {"d": d, "k": k, "ranks": ranks, "mode": mode, "seed": args.seed, "threads": args.threads}
             spec["device"] = args.device
             spec["rmax"] = max(ranks)
-            row[mode] = run_stream_child(spec, timeout=args.child_timeout)
+            row[mode] = run_child(spec, timeout=args.child_timeout, flag="--child-stream")
             log(f"stream {key} {mode}: { {k: v for k, v in row[mode].items() if k != 'S'} }")
         exact = row.get("batch-dense", {}).get("S")
         top = row.get("stream-top", {}).get("S")
