@@ -66,25 +66,27 @@ def init_norm_split(f: LoraFactors, norm: float = FEDIT_A_ROW_NORM) -> LoraFacto
     return _rescale(f, torch.where(a > 0, norm / a.clamp_min(torch.finfo(a.dtype).tiny), torch.ones_like(a)))
 
 
-class FlexLoRAInitNorm(FlexLoRA):
+class _Resplit(FlexLoRA):
+    """FlexLoRA whose payload factors are re-split by :attr:`split` (``s B A`` unchanged)."""
+
+    split: staticmethod
+
+    def payload(
+        self, state: GlobalState, ranks: Mapping[str, int], alpha: float, use_rslora: bool = False
+    ) -> dict[str, LoraFactors]:
+        factors = super().payload(state, ranks, alpha, use_rslora)
+        return {n: self.split(f) for n, f in factors.items()}
+
+
+class FlexLoRAInitNorm(_Resplit):
     """FlexLoRA with ``A``'s rows at FedIT's init norm ``c`` and ``B`` divided by ``c``."""
 
     name = "flexlora-initnorm"
-
-    def payload(
-        self, state: GlobalState, ranks: Mapping[str, int], alpha: float, use_rslora: bool = False
-    ) -> dict[str, LoraFactors]:
-        factors = super().payload(state, ranks, alpha, use_rslora)
-        return {n: init_norm_split(f) for n, f in factors.items()}
+    split = staticmethod(init_norm_split)
 
 
-class FlexLoRASqrt(FlexLoRA):
+class FlexLoRASqrt(_Resplit):
     """FlexLoRA with the balanced split ``B = U sqrt(S) / s``, ``A = sqrt(S) V^T`` (see :func:`sqrt_split`)."""
 
     name = "flexlora-sqrt"
-
-    def payload(
-        self, state: GlobalState, ranks: Mapping[str, int], alpha: float, use_rslora: bool = False
-    ) -> dict[str, LoraFactors]:
-        factors = super().payload(state, ranks, alpha, use_rslora)
-        return {n: sqrt_split(f) for n, f in factors.items()}
+    split = staticmethod(sqrt_split)
