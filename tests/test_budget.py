@@ -17,7 +17,7 @@ from flexlora.engines.flower.auto_rank import node_record
 from flexlora.engines.flower.deployment import run_deployment
 from flexlora.engines.flower.nodes import NODE_RECORD
 from flexlora.models import ALL_PROJECTIONS, LoraHost, load_model
-from flexlora.run import run_federation
+from flexlora.run import _rank_types, run_federation
 from test_flower_fakes import FakeGrid, trainer
 
 STEP = StepShape(batch=4, seq_len=64)
@@ -127,6 +127,13 @@ def test_budgets_distribution_is_recorded_in_assignment(tmp_path):
     values = list(record.values())
     assert [v["memory_gb"] for v in values] == [64, r8, 64, r8]  # cycled over the clients
     assert [v["rank_type"] for v in values] == ["r200", "r8", "r200", "r8"]
+    # a resumed run keeps the recorded types; a tampered record is refused in one line
+    types, notes = _rank_types(cfg, None, list(record), result.run_dir)
+    assert [t.name for t in types] == ["r200", "r8", "r200", "r8"] and notes == values
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "assignment.json").write_text('{"0": "r8"}')
+    with pytest.raises(ValueError, match="assignment.json"):
+        _rank_types(cfg, None, list(record), tmp_path / "bad")
     with pytest.raises(ConfigError, match="federation.budgets"):
         load_config(raw={"federation": {"distribution": "budgets"}})
     with pytest.raises(ConfigError, match=r"federation.budgets\[0\]: memory-gb must be a positive"):

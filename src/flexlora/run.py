@@ -188,9 +188,14 @@ def _rank_types(cfg: RunConfig, host, clients: list[str], resumed: Path | None) 
     fed, train = cfg.federation, cfg.train
     if fed.distribution != "budgets":
         return assign_rank_types(len(clients), fed.distribution, fed.seed), [{}] * len(clients)
-    if resumed is not None:
-        notes = [json.loads((resumed / "assignment.json").read_text())[c] for c in clients]
-        return [parse_rank_type(n["rank_type"]) for n in notes], notes
+    if resumed is not None:  # read once; a tampered record is refused in one line
+        path = resumed / "assignment.json"
+        saved = load_json(path)
+        try:
+            notes = [saved[c] for c in clients]
+            return [parse_rank_type(n["rank_type"]) for n in notes], notes
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"{path}: no budget rank type recorded for every client ({exc!r})") from None
     budgets = [Budget.from_dict(b) for b in fed.budgets]
     return budget_rank_types(
         host.model, host.shapes, budgets, len(clients), train.batch_size, train.max_length, train.steps
