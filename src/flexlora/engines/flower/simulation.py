@@ -106,59 +106,9 @@ def start_simulation(
     Raises:
         RuntimeError: the runtime did not start (the cause is chained).
     """
-    from flwr.simulation import run_simulation
-
-    from flexlora.engines.flower.client_app import app as client_app
-
-    per_round = cfg.federation.clients_per_round
-    n = num_supernodes or max(1, min(8, per_round if isinstance(per_round, int) else 2))
-    handoff: queue.Queue[Grid] = queue.Queue()
-    release = threading.Event()
-    failure: list[BaseException] = []
-    bridge = ServerApp()
-
-    @bridge.main()
-    def main(grid: Grid, context: Context) -> None:
-        handoff.put(grid)
-        release.wait()
-
-    def runtime() -> None:
-        try:
-            run_simulation(
-                server_app=bridge,
-                client_app=client_app,
-                num_supernodes=n,
-                backend_config={
-                    "client_resources": {"num_cpus": cpus_per_actor, "num_gpus": 0.0},
-                    "init_args": {"num_cpus": actors * cpus_per_actor, "include_dashboard": False},
-                },
-            )
-        except BaseException as exc:  # noqa: BLE001 - reported to the caller below
-            failure.append(exc)
-        finally:
-            handoff.put(None)  # type: ignore[arg-type]  # unblocks a caller still waiting
-
-    thread = threading.Thread(target=runtime, name="flower-simulation", daemon=True)
-    thread.start()
-    try:
-        grid = handoff.get(timeout=start_timeout)
-    except queue.Empty:
-        grid = None
-    if grid is None:
-        release.set()
-        cause = failure[0] if failure else None
-        raise RuntimeError(
-            f"Flower's simulation runtime did not start within {start_timeout:.0f}s"
-        ) from cause
-
-    def stop() -> None:
-        ray_processes = _ray_descendants(os.getpid())  # before Ray's own shutdown orphans its workers
-        release.set()
-        thread.join(timeout=120)
-        if thread.is_alive():
-            log.warning("Flower's simulation runtime did not stop within 120s")
-        _reap(ray_processes, timeout=30.0)
-
+    n = num_supernodes or _default_supernodes(cfg.federation.clients_per_round)
+    runtime = _Runtime(n, actors, cpus_per_actor)
+    grid = runtime.start(start_timeout)
     log.info("Flower simulation runtime: %d virtual nodes, %d actor(s)", n, actors)
     return FlowerEngine(
         grid,
@@ -167,8 +117,91 @@ def start_simulation(
         round_timeout=round_timeout,
         min_nodes=n,
         max_examples=cfg.security.max_examples,
-        on_close=stop,
+        on_close=runtime.stop,
     )
+
+
+def _default_supernodes(per_round: int | float) -> int:
+    """Virtual nodes for ``federation.clients_per_round``: the count itself (2 for a fraction), in [1, 8]."""
+    return max(1, min(8, per_round if isinstance(per_round, int) else 2))
+
+
+class _Runtime:
+    """Flower's simulation runtime in a background thread, with a bridge ``ServerApp`` whose ``main`` hands
+    its ``Grid`` over and then waits until :meth:`stop`, which lets the runtime end.
+
+    Args:
+        num_supernodes: virtual nodes.
+        actors: ClientApp actors running at once.
+        cpus_per_actor: Ray CPUs per actor.
+    """
+
+    def __init__(self, num_supernodes: int, actors: int, cpus_per_actor: int) -> None:
+        from flwr.simulation import run_simulation
+
+        from flexlora.engines.flower.client_app import app as client_app
+
+        self.num_supernodes = num_supernodes
+        self.backend_config = {
+            "client_resources": {"num_cpus": cpus_per_actor, "num_gpus": 0.0},
+            "init_args": {"num_cpus": actors * cpus_per_actor, "include_dashboard": False},
+        }
+        self._handoff: queue.Queue[Grid | None] = queue.Queue()
+        self._release = threading.Event()
+        self._failure: list[BaseException] = []
+        args = (run_simulation, self._bridge(), client_app)
+        self._thread = threading.Thread(target=self._run, args=args, name="flower-simulation", daemon=True)
+
+    def _bridge(self) -> ServerApp:
+        """A ServerApp whose ``main`` puts its grid in the hand-off queue and blocks until released."""
+        bridge = ServerApp()
+
+        @bridge.main()
+        def main(grid: Grid, context: Context) -> None:
+            self._handoff.put(grid)
+            self._release.wait()
+
+        return bridge
+
+    def _run(self, run_simulation: Any, server_app: ServerApp, client_app: Any) -> None:
+        """The thread's body: run the simulation; keep any failure; always unblock :meth:`start`."""
+        try:
+            run_simulation(
+                server_app=server_app,
+                client_app=client_app,
+                num_supernodes=self.num_supernodes,
+                backend_config=self.backend_config,
+            )
+        except BaseException as exc:  # noqa: BLE001 - reported to the caller by start()
+            self._failure.append(exc)
+        finally:
+            self._handoff.put(None)  # unblocks a caller still waiting
+
+    def start(self, timeout: float) -> Grid:
+        """Start the runtime and return the bridge's grid.
+
+        Raises:
+            RuntimeError: no grid within ``timeout`` seconds, or the runtime ended first (cause chained).
+        """
+        self._thread.start()
+        try:
+            grid = self._handoff.get(timeout=timeout)
+        except queue.Empty:
+            grid = None
+        if grid is None:
+            self._release.set()
+            cause = self._failure[0] if self._failure else None
+            raise RuntimeError(f"Flower's simulation runtime did not start within {timeout:.0f}s") from cause
+        return grid
+
+    def stop(self) -> None:
+        """Release the bridge, wait for the runtime to end, and reap the Ray processes it leaves."""
+        ray_processes = _ray_descendants(os.getpid())  # before Ray's own shutdown orphans its workers
+        self._release.set()
+        self._thread.join(timeout=120)
+        if self._thread.is_alive():
+            log.warning("Flower's simulation runtime did not stop within 120s")
+        _reap(ray_processes, timeout=30.0)
 
 
 def _ray_descendants(root: int) -> set[int]:
