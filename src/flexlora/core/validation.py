@@ -145,66 +145,114 @@ def check_update(
         UpdateRejected: naming the client and the field, at the first failed check.
     """
     limits = limits or UpdateLimits()
-
-    def refuse(field: str, problem: str) -> UpdateRejected:
-        return UpdateRejected(client_id, field, problem)
-
-    if not isinstance(update, LoraUpdate) or not isinstance(update.modules, Mapping):
-        raise refuse("update", f"expected a LoraUpdate with a modules mapping, got {type(update).__name__}")
-    if update.client_id != client_id:
-        raise refuse("client_id", f"update is for client {update.client_id!r}")
-    n = update.num_examples
-    if not isinstance(n, numbers.Integral) or isinstance(n, bool) or not 1 <= n <= limits.max_examples:
-        raise refuse("num_examples", f"must be an integer in [1, {limits.max_examples}], got {n!r}")
-    got, want = set(update.modules), set(ranks)
-    if got != want:
-        if want - got:
-            raise refuse(
-                "modules", f"{len(want - got)} sent module(s) missing, e.g. {sorted(want - got)[0]!r}"
-            )
-        raise refuse("modules", f"{len(got - want)} module(s) never sent, e.g. {sorted(got - want)[0]!r}")
+    _check_envelope(update, client_id, ranks, limits)
     upper: dict[str, float] = {}  # s_m^2 ||B_m||_F^2 ||A_m||_F^2 >= ||s_m B_m A_m||_F^2
     for name in sorted(ranks):
-        f, r = update.modules[name], ranks[name]
-        if name not in shapes:
-            raise refuse(f"modules[{name}]", "is not a module of the base model")
-        d, k = shapes[name]
-        if not isinstance(f, LoraFactors):
-            raise refuse(f"modules[{name}]", f"expected LoraFactors, got {type(f).__name__}")
-        if (
-            isinstance(f.alpha, bool)
-            or not isinstance(f.alpha, numbers.Real)
-            or float(f.alpha) != float(alpha)
-        ):
-            raise refuse(f"modules[{name}].alpha", f"is {f.alpha!r}, {alpha!r} was sent")
-        if bool(f.use_rslora) != bool(use_rslora):
-            raise refuse(f"modules[{name}].use_rslora", f"is {f.use_rslora!r}, {use_rslora!r} was sent")
-        fro = {}
-        for label, t, shape in (("A", f.A, (r, k)), ("B", f.B, (d, r))):
-            field = f"modules[{name}].{label}"
-            if not isinstance(t, torch.Tensor):
-                raise refuse(field, f"expected a tensor, got {type(t).__name__}")
-            if t.dtype not in ALLOWED_DTYPES:
-                raise refuse(f"{field}.dtype", f"{t.dtype} is not one of float16, bfloat16, float32, float64")
-            if tuple(t.shape) != shape:
-                raise refuse(
-                    f"{field}.shape",
-                    f"is {tuple(t.shape)}, expected {shape} (rank {r} was sent, base {d}x{k})",
-                )
-            fro[label] = _fro(t)  # NaN or Inf iff an entry is, or the squares overflow (entries beyond ~1e19)
-            if not math.isfinite(fro[label]):
-                raise refuse(f"{field}.values", "has NaN or Inf values (or overflowing ones)")
+        f = update.modules[name]
+        _check_module(client_id, name, f, shapes, alpha, use_rslora)
+        fro_A = _check_factor(client_id, name, f, "A", ranks[name], shapes[name])
+        fro_B = _check_factor(client_id, name, f, "B", ranks[name], shapes[name])
         if frozen_A is not None and name in frozen_A:
             ref = frozen_A[name]
             if not torch.allclose(f.A.to(ref.dtype), ref, rtol=0.0, atol=1e-5):
-                raise refuse(f"modules[{name}].A.values", "changed, but A is frozen for this method")
-        upper[name] = (f.scale * fro["A"] * fro["B"]) ** 2
+                raise UpdateRejected(
+                    client_id, f"modules[{name}].A.values", "changed, but A is frozen for this method"
+                )
+        upper[name] = (f.scale * fro_A * fro_B) ** 2
+    _check_norm(client_id, update.modules, upper, limits)
+
+
+def _check_envelope(update: object, client_id: str, ranks: Mapping[str, int], limits: UpdateLimits) -> None:
+    """The update's type, sender, example count ``n`` in ``[1, max_examples]`` and module set (exactly the
+    modules sent)."""
+    if not isinstance(update, LoraUpdate) or not isinstance(update.modules, Mapping):
+        raise UpdateRejected(
+            client_id, "update", f"expected a LoraUpdate with a modules mapping, got {type(update).__name__}"
+        )
+    if update.client_id != client_id:
+        raise UpdateRejected(client_id, "client_id", f"update is for client {update.client_id!r}")
+    n = update.num_examples
+    if not isinstance(n, numbers.Integral) or isinstance(n, bool) or not 1 <= n <= limits.max_examples:
+        raise UpdateRejected(
+            client_id, "num_examples", f"must be an integer in [1, {limits.max_examples}], got {n!r}"
+        )
+    got, want = set(update.modules), set(ranks)
+    if want - got:
+        missing = want - got
+        raise UpdateRejected(
+            client_id, "modules", f"{len(missing)} sent module(s) missing, e.g. {sorted(missing)[0]!r}"
+        )
+    if got - want:
+        extra = got - want
+        raise UpdateRejected(
+            client_id, "modules", f"{len(extra)} module(s) never sent, e.g. {sorted(extra)[0]!r}"
+        )
+
+
+def _check_module(
+    client_id: str,
+    name: str,
+    f: object,
+    shapes: Mapping[str, tuple[int, int]],
+    alpha: float,
+    use_rslora: bool,
+) -> None:
+    """Module ``name`` exists in the base model and carries :class:`LoraFactors` with the scale sent
+    (``lora_alpha`` and the rsLoRA flag)."""
+    field = f"modules[{name}]"
+    if name not in shapes:
+        raise UpdateRejected(client_id, field, "is not a module of the base model")
+    if not isinstance(f, LoraFactors):
+        raise UpdateRejected(client_id, field, f"expected LoraFactors, got {type(f).__name__}")
+    if isinstance(f.alpha, bool) or not isinstance(f.alpha, numbers.Real) or float(f.alpha) != float(alpha):
+        raise UpdateRejected(client_id, f"{field}.alpha", f"is {f.alpha!r}, {alpha!r} was sent")
+    if bool(f.use_rslora) != bool(use_rslora):
+        raise UpdateRejected(
+            client_id, f"{field}.use_rslora", f"is {f.use_rslora!r}, {use_rslora!r} was sent"
+        )
+
+
+def _check_factor(
+    client_id: str, name: str, f: LoraFactors, label: str, rank: int, shape: tuple[int, int]
+) -> float:
+    """Factor ``label`` (``A (r, k)`` or ``B (d, r)``) of module ``name`` is a finite floating tensor of the
+    sent rank and the base model's shape; returns its ``||.||_F``."""
+    d, k = shape
+    t, want = (f.A, (rank, k)) if label == "A" else (f.B, (d, rank))
+    field = f"modules[{name}].{label}"
+    if not isinstance(t, torch.Tensor):
+        raise UpdateRejected(client_id, field, f"expected a tensor, got {type(t).__name__}")
+    if t.dtype not in ALLOWED_DTYPES:
+        raise UpdateRejected(
+            client_id, f"{field}.dtype", f"{t.dtype} is not one of float16, bfloat16, float32, float64"
+        )
+    if tuple(t.shape) != want:
+        raise UpdateRejected(
+            client_id,
+            f"{field}.shape",
+            f"is {tuple(t.shape)}, expected {want} (rank {rank} was sent, base {d}x{k})",
+        )
+    fro = _fro(t)  # NaN or Inf iff an entry is, or the squares overflow (entries beyond ~1e19)
+    if not math.isfinite(fro):
+        raise UpdateRejected(client_id, f"{field}.values", "has NaN or Inf values (or overflowing ones)")
+    return fro
+
+
+def _check_norm(
+    client_id: str, modules: Mapping[str, LoraFactors], upper: Mapping[str, float], limits: UpdateLimits
+) -> None:
+    """``||dW||_F`` is at most ``norm_bound`` (when set) and :data:`MAX_NORM`; ``upper`` holds the cheap
+    per-module bounds on ``||s_m B_m A_m||_F^2``."""
     bound = min(limits.norm_bound or MAX_NORM, MAX_NORM)
-    norm = _bounded_norm(update.modules, upper, bound)
+    norm = _bounded_norm(modules, upper, bound)
     if norm is not None and not norm <= MAX_NORM:
-        raise refuse("norm", f"||dW||_F >= {norm:.4g} is absurd (over {MAX_NORM:g}) or overflows")
+        raise UpdateRejected(
+            client_id, "norm", f"||dW||_F >= {norm:.4g} is absurd (over {MAX_NORM:g}) or overflows"
+        )
     if norm is not None:
-        raise refuse("norm", f"||dW||_F >= {norm:.4g} exceeds the bound {limits.norm_bound:g}")
+        raise UpdateRejected(
+            client_id, "norm", f"||dW||_F >= {norm:.4g} exceeds the bound {limits.norm_bound:g}"
+        )
 
 
 def _bounded_norm(
