@@ -178,11 +178,7 @@ def _score(model, tokenizer, examples: Sequence[Example], cfg: EvalConfig) -> li
     pass's keys and values instead of running the prompt again, and its first token is the argmax already
     computed there; the other examples' prompts are run on their own, in batches of their own.
     """
-    from transformers import DynamicCache
-
-    device = model_device(model)
-    precision = resolve_precision(cfg.precision, device)
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    scorer = _Scorer(model, tokenizer, cfg)
     encoded = [encode_example(tokenizer, ex, cfg.max_length, "response", cfg.template) for ex in examples]
     prompts = [
         encode_prompt(tokenizer, ex, cfg.max_length - cfg.max_new_tokens, cfg.template)
@@ -196,12 +192,44 @@ def _score(model, tokenizer, examples: Sequence[Example], cfg: EvalConfig) -> li
     rows = [{"loss": float("nan"), "argmax": "", "new": None, "tokens": 0} for _ in examples]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]["input_ids"]))
     for idx in _batches(order, cfg.batch_size):
-        batch = {k: v.to(device) for k, v in collate([encoded[i] for i in idx], pad).items()}
+        scorer.teacher_forced(idx, encoded, shared, rows)
+    alone = sorted(
+        (i for i in range(len(examples)) if cfg.generate and not shared[i]), key=lambda i: len(prompts[i])
+    )
+    for idx in _batches(alone, cfg.batch_size):
+        scorer.generate(idx, prompts, rows)
+    for row in rows:
+        ids = row.pop("new")
+        if ids is not None and scorer.eos in ids:
+            ids = ids[: ids.index(scorer.eos)]
+        row["prediction"] = None if ids is None else tokenizer.decode(ids, skip_special_tokens=True).strip()
+    return rows
+
+
+class _Scorer:
+    """The steps of :func:`_score` on one batch; each fills the batch's rows of ``rows`` (``loss``,
+    ``argmax``, ``new``: generated token ids, ``tokens``: tokens fed through the model)."""
+
+    def __init__(self, model, tokenizer, cfg: EvalConfig) -> None:
+        self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
+        self.device = model_device(model)
+        self.precision = resolve_precision(cfg.precision, self.device)
+        self.eos, self.pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+
+    def teacher_forced(
+        self, idx: list[int], encoded: Sequence[dict], shared: Sequence[bool], rows: list[dict]
+    ) -> None:
+        """One teacher-forced pass over examples ``idx``: per example the mean response-token loss, the
+        decoded argmax and the sequence's tokens; then the greedy generation of the examples whose prompt
+        is ``shared`` with this pass, from its keys and values."""
+        from transformers import DynamicCache
+
+        batch = {k: v.to(self.device) for k, v in collate([encoded[i] for i in idx], self.pad).items()}
         reuse = [j for j, i in enumerate(idx) if shared[i]]
-        cache = DynamicCache(config=model.config) if reuse else None
-        with autocast(precision, device):
+        cache = DynamicCache(config=self.model.config) if reuse else None
+        with autocast(self.precision, self.device):
             logits, targets = response_logits(
-                model, batch["input_ids"], batch["attention_mask"], batch["labels"], cache
+                self.model, batch["input_ids"], batch["attention_mask"], batch["labels"], cache
             )
         logits = logits.float()
         counts = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(dim=1).tolist()  # rows are contiguous in logits
@@ -211,32 +239,38 @@ def _score(model, tokenizer, examples: Sequence[Example], cfg: EvalConfig) -> li
             idx, token_loss, argmax, batch["attention_mask"].sum(1).tolist(), strict=True
         ):
             rows[i]["loss"] = loss.mean().item() if len(loss) else float("nan")
-            rows[i]["argmax"] = tokenizer.decode(pred.tolist(), skip_special_tokens=True).strip()
+            rows[i]["argmax"] = self.tokenizer.decode(pred.tolist(), skip_special_tokens=True).strip()
             rows[i]["tokens"] = n
         if reuse:
-            lengths = torch.tensor([_prompt_length(encoded[idx[j]]) for j in reuse], device=device)
-            cache.crop(int(lengths.max()) - cache.get_seq_length())  # keep the prompt columns
-            cache.batch_select_indices(torch.tensor(reuse, device=device))
-            first = torch.stack([argmax[j][0] for j in reuse])
-            new = _greedy(model, cache, lengths, first, cfg, eos, precision)
-            for j, ids in zip(reuse, new, strict=True):
-                rows[idx[j]]["new"] = ids
-                rows[idx[j]]["tokens"] += len(ids) - 1
-    alone = sorted(
-        (i for i in range(len(examples)) if cfg.generate and not shared[i]), key=lambda i: len(prompts[i])
-    )
-    for idx in _batches(alone, cfg.batch_size):
-        cache, lengths, first = _prefill(model, [prompts[i] for i in idx], pad, precision)
-        new = _greedy(model, cache, lengths, first, cfg, eos, precision)
+            self._continue([idx[j] for j in reuse], reuse, cache, encoded, argmax, rows)
+
+    def _continue(
+        self,
+        examples: list[int],
+        reuse: list[int],
+        cache,
+        encoded: Sequence[dict],
+        argmax: Sequence[torch.Tensor],
+        rows: list[dict],
+    ) -> None:
+        """Greedy generation of ``examples`` (at batch positions ``reuse``) from the teacher-forced pass's
+        ``cache``, cut back to their prompt columns; the first new token is that pass's argmax there."""
+        lengths = torch.tensor([_prompt_length(encoded[i]) for i in examples], device=self.device)
+        cache.crop(int(lengths.max()) - cache.get_seq_length())  # keep the prompt columns
+        cache.batch_select_indices(torch.tensor(reuse, device=self.device))
+        first = torch.stack([argmax[j][0] for j in reuse])
+        new = _greedy(self.model, cache, lengths, first, self.cfg, self.eos, self.precision)
+        for i, ids in zip(examples, new, strict=True):
+            rows[i]["new"] = ids
+            rows[i]["tokens"] += len(ids) - 1
+
+    def generate(self, idx: list[int], prompts: Sequence[list[int] | None], rows: list[dict]) -> None:
+        """Greedy generation of examples ``idx`` whose prompts run on their own (prefill, then decode)."""
+        cache, lengths, first = _prefill(self.model, [prompts[i] for i in idx], self.pad, self.precision)
+        new = _greedy(self.model, cache, lengths, first, self.cfg, self.eos, self.precision)
         for i, ids in zip(idx, new, strict=True):
             rows[i]["new"] = ids
             rows[i]["tokens"] += len(prompts[i]) + len(ids) - 1
-    for row in rows:
-        ids = row.pop("new")
-        if ids is not None and eos in ids:
-            ids = ids[: ids.index(eos)]
-        row["prediction"] = None if ids is None else tokenizer.decode(ids, skip_special_tokens=True).strip()
-    return rows
 
 
 def evaluate_examples(
