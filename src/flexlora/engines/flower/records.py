@@ -308,6 +308,18 @@ def update_from_reply(
     Raises:
         ReplyError: naming the node and the field; the caller leaves the update out of the round.
     """
+    arrays, metrics, claimed = _reply_records(content, client_id, node)
+    n = _num_examples(metrics, node, max_examples)
+    modules, nbytes = _decode_factors(arrays, sent, node)
+    others = finite_metrics(node, metrics)
+    return LoraUpdate(modules, n, client_id or str(claimed or "")), others, nbytes
+
+
+def _reply_records(
+    content: RecordDict, client_id: str, node: int | str
+) -> tuple[ArrayRecord, MetricRecord, object]:
+    """The reply's ``update`` and ``metrics`` records (present, of their types) and the ``client-id`` it
+    claims (``None`` if none), which must be ``client_id`` when one was sent."""
     if "update" not in content:
         raise ReplyError(node, "update", "no ArrayRecord 'update' in the reply")
     if "metrics" not in content:
@@ -322,7 +334,11 @@ def update_from_reply(
         raise ReplyError(
             node, "config[client-id]", f"reply is for client {claimed!r}, {client_id!r} was sent"
         )
+    return arrays, metrics, claimed
 
+
+def _num_examples(metrics: MetricRecord, node: int | str, max_examples: int) -> int:
+    """``metrics[num-examples]``: an integer (an integral float is read as one) in ``[1, max_examples]``."""
     n = metrics.get("num-examples")
     if isinstance(n, float) and n.is_integer():
         n = int(n)
@@ -330,7 +346,14 @@ def update_from_reply(
         raise ReplyError(
             node, "metrics[num-examples]", f"must be an integer in [1, {max_examples}], got {n!r}"
         )
+    return n
 
+
+def _decode_factors(
+    arrays: ArrayRecord, sent: Mapping[str, LoraFactors], node: int | str
+) -> tuple[dict[str, LoraFactors], int]:
+    """The update's factors: exactly the sent modules' ``A`` and ``B`` at the sent shapes, read with the
+    sent alpha and rsLoRA flag; and their tensor bytes."""
     _check_keys(node, "update", set(arrays), {f"{m}.{ab}" for m in sent for ab in "AB"})
     modules, nbytes = {}, 0
     for name, ref in sent.items():
@@ -339,8 +362,7 @@ def update_from_reply(
         B = decode_array(node, f"update[{name}.B]", arrays[f"{name}.B"], tuple(ref.B.shape), why)
         nbytes += _tensor_nbytes(A) + _tensor_nbytes(B)
         modules[name] = LoraFactors(A, B, ref.alpha, ref.use_rslora)
-    others = finite_metrics(node, metrics)
-    return LoraUpdate(modules, n, client_id or str(claimed or "")), others, nbytes
+    return modules, nbytes
 
 
 def finite_metrics(node: int | str, metrics: MetricRecord) -> dict[str, float]:
