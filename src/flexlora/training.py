@@ -236,18 +236,9 @@ def optimise(
         ``train_loss`` (mean over steps), ``train_loss_last``, ``steps``, ``seconds``, ``tokens``
         (non-padding tokens seen), ``loss_tokens``.
     """
-    from transformers import get_scheduler
-
     start = time.perf_counter()
     device = model_device(model)
-    pad_id = tokenizer.pad_token_id
-    encoded: dict[int, dict[str, list[int]]] = {}  # only the examples a batch uses are tokenized
-
-    def example(i: int) -> dict[str, list[int]]:
-        if i not in encoded:
-            encoded[i] = encode_example(tokenizer, examples[i], cfg.max_length, cfg.loss_on, cfg.template)
-        return encoded[i]
-
+    example = _LazyEncoding(tokenizer, examples, cfg)
     num_steps = cfg.num_steps(len(examples))
     precision = resolve_precision(cfg.precision, device)
     was_training = model.training
@@ -256,42 +247,20 @@ def optimise(
         with torch.random.fork_rng(devices=rng_devices):
             torch.manual_seed(seed)  # dropout
             generator = torch.Generator().manual_seed(seed)  # batch order
-            batches = batch_order(len(examples), cfg.batch_size, num_steps * cfg.grad_accum, generator)
-            if cfg.group_by_length:
-                lengths = {i: len(example(i)["input_ids"]) for batch in batches for i in batch}
-                batches = group_by_length(batches, lengths, generator)
+            batches = _step_batches(len(examples), num_steps, cfg, generator, example)
             optimizer = _optimizer(cfg, params)
-            scheduler = get_scheduler(
-                _HF_SCHEDULES[cfg.schedule],
-                optimizer,
-                num_warmup_steps=cfg.warmup_steps,
-                num_training_steps=num_steps,
-            )
+            scheduler = _scheduler(cfg, optimizer, num_steps)
             model.train()
             losses, tokens, loss_tokens = [], 0, 0
             for step in range(num_steps):
                 micro = [
-                    collate([example(i) for i in idx], pad_id)
+                    collate([example(i) for i in idx], tokenizer.pad_token_id)
                     for idx in batches[step * cfg.grad_accum : (step + 1) * cfg.grad_accum]
                 ]
-                step_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
-                step_loss = 0.0
-                for batch in micro:
-                    batch = {k: v.to(device) for k, v in batch.items()}
-                    with autocast(precision, device):
-                        logits, targets = response_logits(
-                            model, batch["input_ids"], batch["attention_mask"], batch["labels"]
-                        )  # (n, vocab) float32, (n,)
-                    loss = F.cross_entropy(logits, targets, reduction="sum") / max(step_tokens, 1)
-                    loss.backward()
-                    step_loss += loss.item()
-                    tokens += int(batch["attention_mask"].sum())
-                if cfg.max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                step_loss, step_seen, step_tokens = _accumulate(model, micro, precision)
+                _step(params, optimizer, scheduler, cfg)
                 losses.append(step_loss)
+                tokens += step_seen
                 loss_tokens += step_tokens
     finally:
         model.train(was_training)
@@ -303,6 +272,82 @@ def optimise(
         "tokens": float(tokens),
         "loss_tokens": float(loss_tokens),
     }
+
+
+class _LazyEncoding:
+    """``self(i)``: example ``i`` tokenized for training, on first use only (a run tokenizes just the
+    examples its batches use)."""
+
+    def __init__(self, tokenizer, examples: Sequence[Example], cfg: TrainConfig) -> None:
+        self.tokenizer, self.examples, self.cfg = tokenizer, examples, cfg
+        self.encoded: dict[int, dict[str, list[int]]] = {}
+
+    def __call__(self, i: int) -> dict[str, list[int]]:
+        if i not in self.encoded:
+            cfg = self.cfg
+            self.encoded[i] = encode_example(
+                self.tokenizer, self.examples[i], cfg.max_length, cfg.loss_on, cfg.template
+            )
+        return self.encoded[i]
+
+
+def _step_batches(
+    num_examples: int, num_steps: int, cfg: TrainConfig, generator: torch.Generator, example: _LazyEncoding
+) -> list[list[int]]:
+    """The ``num_steps * grad_accum`` micro-batches of example indices, drawn from ``generator``
+    (:func:`batch_order`), regrouped by tokenized length when ``cfg.group_by_length``."""
+    batches = batch_order(num_examples, cfg.batch_size, num_steps * cfg.grad_accum, generator)
+    if cfg.group_by_length:
+        lengths = {i: len(example(i)["input_ids"]) for batch in batches for i in batch}
+        batches = group_by_length(batches, lengths, generator)
+    return batches
+
+
+def _scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, num_steps: int):
+    """``cfg.schedule`` over ``num_steps`` optimizer steps, after ``cfg.warmup_steps`` of linear warmup."""
+    from transformers import get_scheduler
+
+    return get_scheduler(
+        _HF_SCHEDULES[cfg.schedule],
+        optimizer,
+        num_warmup_steps=cfg.warmup_steps,
+        num_training_steps=num_steps,
+    )
+
+
+def _accumulate(model: nn.Module, micro: Sequence[dict], precision: str) -> tuple[float, int, int]:
+    """Forward and backward over one step's micro-batches, accumulating gradients of the step's loss
+    ``sum over its loss tokens of the cross-entropy / their count`` (equal to one big batch).
+
+    Returns:
+        The step's loss, the non-padding tokens seen, and the loss tokens.
+    """
+    device = model_device(model)
+    step_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
+    step_loss, tokens = 0.0, 0
+    for batch in micro:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with autocast(precision, device):
+            logits, targets = response_logits(
+                model, batch["input_ids"], batch["attention_mask"], batch["labels"]
+            )  # (n, vocab) float32, (n,)
+        loss = F.cross_entropy(logits, targets, reduction="sum") / max(step_tokens, 1)
+        loss.backward()
+        step_loss += loss.item()
+        tokens += int(batch["attention_mask"].sum())
+    return step_loss, tokens, step_tokens
+
+
+def _step(
+    params: Sequence[torch.nn.Parameter], optimizer: torch.optim.Optimizer, scheduler, cfg: TrainConfig
+) -> None:
+    """One optimizer step on the accumulated gradients (clipped to ``cfg.max_grad_norm`` when set), then
+    the schedule's step; gradients are cleared."""
+    if cfg.max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def run_train_job(
