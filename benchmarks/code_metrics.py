@@ -15,6 +15,10 @@ import of the method list) and prints a markdown report:
     python benchmarks/code_metrics.py                      # markdown on stdout
     python benchmarks/code_metrics.py --out docs/code-metrics.md
     python benchmarks/code_metrics.py --json               # the same numbers as JSON on stdout
+
+``--before FILE`` (a ``--json`` output of an earlier tree; ``benchmarks/code_metrics_f1045a4.json`` is the
+tree before the issue-15 redesign) adds a before/after table of the headline numbers and of every module
+whose size changed.
 """
 
 from __future__ import annotations
@@ -32,7 +36,10 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "src" / "flexlora"
 LONG = 60  # the issue's goal: no function in src/ over about this many lines
 TOP = 20
-COMMAND = "PYTHONPATH=src python benchmarks/code_metrics.py --out docs/code-metrics.md"
+COMMAND = (
+    "PYTHONPATH=src python benchmarks/code_metrics.py --out docs/code-metrics.md"
+    " --before benchmarks/code_metrics_f1045a4.json"
+)
 PACKAGE_NAME = "flexlora"  # also a method's name: a logger, cache directory or program name is not a method
 
 
@@ -250,19 +257,54 @@ def markdown(data: dict) -> str:
     return "\n".join(out)
 
 
+HEADLINES = (
+    ("lines in src/flexlora", "total_lines"),
+    ("functions", "functions"),
+    (f"functions over {LONG} lines", "over_limit"),
+    ("modules naming a method", lambda d: len(d["places"])),
+    ('... not counting the package-name string "flexlora" alone', "places_beyond_package_name"),
+    ("method name lists", "name_lists"),
+)
+
+
+def comparison(before: dict, after: dict) -> str:
+    """Markdown: the headline numbers of ``before`` and ``after``, then every module whose size changed."""
+    out = [
+        f"## Before (`{before['commit']}`) and after (`{after['commit']}`)",
+        "",
+        "| measure | before | after |",
+        "|---|---:|---:|",
+    ]
+    for label, key in HEADLINES:
+        get = key if callable(key) else (lambda d, k=key: d[k])
+        out.append(f"| {label} | {get(before)} | {get(after)} |")
+    old = {m["file"]: m["lines"] for m in before["modules"]}
+    new = {m["file"]: m["lines"] for m in after["modules"]}
+    changed = sorted(f for f in old.keys() | new.keys() if old.get(f) != new.get(f))
+    out += ["", "| module | lines before | lines after |", "|---|---:|---:|"]
+    out += [f"| {f} | {old.get(f, '-')} | {new.get(f, '-')} |" for f in changed]
+    return "\n".join([*out, ""])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, help="write the markdown report here (else print it)")
     parser.add_argument("--json", action="store_true", help="print the numbers as JSON")
+    parser.add_argument(
+        "--before", type=Path, help="a --json output to compare with (adds a before/after table)"
+    )
     args = parser.parse_args(argv)
     data = measure()
+    report = markdown(data)
+    if args.before:
+        report += "\n" + comparison(json.loads(args.before.read_text(encoding="utf-8")), data)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(markdown(data), encoding="utf-8")
+        args.out.write_text(report, encoding="utf-8")
     if args.json:
         print(json.dumps(data, indent=2))
     elif not args.out:
-        print(markdown(data))
+        print(report)
     return 0
 
 
