@@ -73,7 +73,9 @@ def method_names() -> tuple[str, str]:
             if exc.name != source:
                 raise
             continue
-        return tuple(sorted(module.METHODS)), source
+        # a tuple of names, a name -> spec mapping, or specs with a ``name``
+        names = [m if isinstance(m, str) else m.name for m in module.METHODS]
+        return tuple(sorted(names)), source
     raise SystemExit("code_metrics: neither flexlora.methods nor flexlora.config defines METHODS")
 
 
