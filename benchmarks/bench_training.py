@@ -93,7 +93,7 @@ def plain_peft(model, batches, bf16: bool) -> tuple[float, float]:
 def ours(model, tokenizer, examples, steps: int, seed: int, **options) -> tuple[float, float]:
     """flexlora's ``optimise`` on the same batches (``batch_order`` at ``seed``); (CPU, wall) seconds."""
     from flexlora.core.lora import LoraFactors
-    from flexlora.models import LoraHost
+    from flexlora.lora_host import LoraHost
     from flexlora.training import TrainConfig, optimise
 
     host = LoraHost(model, ("q_proj", "v_proj"))

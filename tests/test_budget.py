@@ -16,7 +16,8 @@ from flexlora.engines.flower import FlowerEngine
 from flexlora.engines.flower.auto_rank import node_record
 from flexlora.engines.flower.deployment import run_deployment
 from flexlora.engines.flower.nodes import NODE_RECORD
-from flexlora.models import ALL_PROJECTIONS, LoraHost, load_model
+from flexlora.lora_host import LoraHost
+from flexlora.models import ALL_PROJECTIONS, load_model
 from flexlora.run import _rank_types, run_federation
 from test_flower_fakes import FakeGrid, trainer
 

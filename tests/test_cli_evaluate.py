@@ -9,7 +9,8 @@ import torch
 from flexlora.cli import main
 from flexlora.core.adapter_io import write_adapter
 from flexlora.core.lora import LoraFactors
-from flexlora.models import LoraHost, load_model
+from flexlora.lora_host import LoraHost
+from flexlora.models import load_model
 
 ARGS = ["evaluate", "--data", "synthetic", "--model", "tiny", "--clients", "3"]
 ARGS += ["--max-examples-per-client", "2", "--max-new-tokens", "3", "--json"]

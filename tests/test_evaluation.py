@@ -215,7 +215,7 @@ def test_limits_splits_and_no_generation(tiny):
 def test_a_trained_adapter_scores_better_and_unloading_restores_the_base(tiny):
     from flexlora.contracts import TrainJob
     from flexlora.core.lora import LoraFactors
-    from flexlora.models import LoraHost
+    from flexlora.lora_host import LoraHost
     from flexlora.training import TrainConfig, run_train_job
 
     model, tok = tiny

@@ -264,7 +264,8 @@ def test_a_non_finite_client_metric_is_left_out_of_the_round_mean_with_a_logged_
 def test_a_checkpoint_of_the_wrong_shape_is_refused_before_the_model_loads(tmp_path, monkeypatch):
     from flexlora.core.errors import AdapterError
     from flexlora.core.safetensors_io import write_safetensors
-    from flexlora.models import LoraHost, config_module_shapes, load_model
+    from flexlora.lora_host import LoraHost
+    from flexlora.models import config_module_shapes, load_model
 
     model, _ = load_model("tiny")
     assert config_module_shapes("tiny", ("q_proj", "v_proj")) == LoraHost(model, ("q_proj", "v_proj")).shapes

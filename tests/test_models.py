@@ -13,10 +13,10 @@ import torch.nn.functional as F
 
 from flexlora.core.errors import AdapterError
 from flexlora.core.lora import LoraFactors
+from flexlora.lora_host import LoraHost
 from flexlora.models import (
     ALL_PROJECTIONS,
     DEFAULT_TARGET_MODULES,
-    LoraHost,
     cache_dir,
     load_model,
     response_logits,

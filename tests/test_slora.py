@@ -14,7 +14,8 @@ from flexlora.core.aggregators import GlobalState
 from flexlora.core.safetensors_io import read_safetensors
 from flexlora.data import open_source
 from flexlora.federation import Federation
-from flexlora.models import LoraHost, load_model
+from flexlora.lora_host import LoraHost
+from flexlora.models import load_model
 from flexlora.run import resume_federation, run_federation
 from flexlora.slora import (
     SparseStage,

@@ -8,7 +8,8 @@ import torch
 from flexlora.contracts import TrainJob
 from flexlora.core.lora import LoraFactors
 from flexlora.data.examples import ClientData, ClientInfo, Example
-from flexlora.models import ALL_PROJECTIONS, LoraHost, load_model
+from flexlora.lora_host import LoraHost
+from flexlora.models import ALL_PROJECTIONS, load_model
 from flexlora.prompts import collate, encode_example
 from flexlora.training import LENGTH_WINDOW, TrainConfig, batch_order, group_by_length, run_train_job
 

@@ -181,7 +181,8 @@ def rank_table(
     Raises:
         ValueError: unknown mode, or no target module in the model.
     """
-    from flexlora.models import LoraHost, load_model
+    from flexlora.lora_host import LoraHost
+    from flexlora.models import load_model
 
     if mode not in ("measure", "cached", "estimate"):
         raise ValueError(f"mode must be measure, cached or estimate, got {mode!r}")

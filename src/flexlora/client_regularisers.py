@@ -14,7 +14,7 @@ import torch
 
 from flexlora.contracts import TrainJob
 from flexlora.core.lora import LoraFactors
-from flexlora.models import LoraHost
+from flexlora.lora_host import LoraHost
 
 __all__ = ["regularised"]
 

@@ -21,7 +21,8 @@ import torch
 from flexlora.core.lora import LoraFactors
 from flexlora.core.ranks import RankType, module_ranks
 from flexlora.data.examples import Example
-from flexlora.models import LoraHost, load_model
+from flexlora.lora_host import LoraHost
+from flexlora.models import load_model
 from flexlora.training import TrainConfig, optimise
 
 __all__ = ["main", "probe"]

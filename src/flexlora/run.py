@@ -212,7 +212,8 @@ def _setup_logging(run_dir: Path) -> logging.Handler:
 
 def _execute(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool) -> RunResult:
     from flexlora.evaluation import evaluate_clients
-    from flexlora.models import LoraHost, config_module_shapes, load_model
+    from flexlora.lora_host import LoraHost
+    from flexlora.models import config_module_shapes, load_model
 
     # ---------------------------------------------------------------- build
     data = cfg.data

@@ -21,7 +21,8 @@ from flexlora.client_regularisers import regularised
 from flexlora.contracts import TrainJob, TrainResult
 from flexlora.core.lora import LoraUpdate
 from flexlora.data.examples import ClientData, Example
-from flexlora.models import LoraHost, model_device, response_logits
+from flexlora.lora_host import LoraHost
+from flexlora.models import model_device, response_logits
 from flexlora.precision import PRECISIONS, autocast, resolve_precision
 from flexlora.prompts import DEFAULT_TEMPLATE, IGNORE_INDEX, LOSS_ON, TEMPLATES, collate, encode_example
 

@@ -44,7 +44,8 @@ def run(args: argparse.Namespace) -> int:
     from flexlora.core.adapter_io import read_adapter
     from flexlora.data import open_source
     from flexlora.evaluation import EvalConfig, evaluate_clients
-    from flexlora.models import LoraHost, load_model
+    from flexlora.lora_host import LoraHost
+    from flexlora.models import load_model
     from flexlora.progress import Progress, reporting
 
     cfg = EvalConfig(

@@ -69,7 +69,8 @@ def run_deployment(cfg: RunConfig, engine: FlowerEngine) -> Path:
         ValueError: a node declared no client id or rank, or two declared the same client.
         flexlora.core.errors.AggregationError: a round got fewer than ``federation.min_clients`` updates.
     """
-    from flexlora.models import LoraHost, load_model
+    from flexlora.lora_host import LoraHost
+    from flexlora.models import load_model
 
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)

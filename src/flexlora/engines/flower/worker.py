@@ -1,9 +1,9 @@
 """The node side: one base model and one data source per process, and a node's own client.
 
-A ClientApp process keeps its :class:`~flexlora.models.LoraHost` and data source in :data:`_CACHE`, keyed by
-the settings that built them, so Flower's simulation actors load the model once for the whole run (a
-deployment SuperNode starts a fresh ClientApp process per message and so loads it per message; the tiny
-model and SmolLM2's safetensors cache load in about a second).
+A ClientApp process keeps its :class:`~flexlora.lora_host.LoraHost` and data source in :data:`_CACHE`, keyed
+by the settings that built them, so Flower's simulation actors load the model once for the whole run (a
+deployment SuperNode starts a fresh ClientApp process per message and so loads it per message; the tiny model
+and SmolLM2's safetensors cache load in about a second).
 """
 
 from __future__ import annotations
@@ -61,7 +61,8 @@ def worker_for(content: RecordDict, context: Context) -> Worker:
         ValueError: malformed settings.
     """
     from flexlora.data import open_source
-    from flexlora.models import LoraHost, load_model
+    from flexlora.lora_host import LoraHost
+    from flexlora.models import load_model
 
     model_cfg, data_cfg, train_cfg, seed = parse_client_settings(_settings(content, context))
     key = json.dumps({"model": asdict(model_cfg), "data": asdict(data_cfg), "seed": seed}, sort_keys=True)
