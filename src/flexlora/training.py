@@ -1,6 +1,6 @@
 """Local training of one client: a :class:`TrainJob` in, a :class:`TrainResult` out.
 
-The client's adapter is installed into the shared base model with :class:`~flexlora.models.LoraHost`,
+The client's adapter is installed into the shared base model with :class:`~flexlora.lora_host.LoraHost`,
 trained for a fixed number of optimizer steps on seeded batches, read back and removed again. The same job
 gives a bit-identical result on CPU (batch order, dropout and the adapter's throw-away initialisation are
 all seeded by ``job.seed``, under a forked RNG so the caller's RNG is untouched).
