@@ -79,6 +79,16 @@ def test_ranks_cli_prints_the_table_and_the_choice(capsys):
     out = capsys.readouterr().out
     assert all(name in out for name in RANK_TYPES)
     assert out.strip().splitlines()[-1].startswith("largest rank type within 64 GiB: r200 (estimated")
+    assert out.strip().splitlines()[-2].endswith("of a budget of 64 GiB; it is the largest rank type")
+    # a time budget: the round time of every type is printed, and the choice names the seconds
+    argv = ["ranks", "--model", "tiny", "--memory-gb", "64", "--seconds-per-round", "1e6", "--steps", "3"]
+    assert main([*argv, "--estimate-only", "--device", "cpu"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert (
+        lines[-2].startswith("why: r200 needs")
+        and "s per round of a budget of 64 GiB and 1e+06 s" in lines[-2]
+    )
+    assert lines[-1].startswith("largest rank type within 64 GiB and 1e+06 s per round: r200 (estimated")
     assert (
         main(["ranks", "--model", "tiny", "--memory-gb", "0.01", "--estimate-only", "--device", "cpu"]) == 2
     )
