@@ -10,7 +10,8 @@ and ``a`` bytes per activation, the peak is the sum of
   gradients, AdamW's two moments, and one more of the same size alive at the peak (torch's multi-tensor AdamW
   writes ``sqrt(v)`` to a new buffer). Measured: 20.3 bytes per LoRA parameter (the peak-RSS slope from
   ``r8`` to ``attn30-mlp200`` and ``r200`` on the 8-layer model of ``tests/test_budget_oom.py``); with four
-  copies that test's tight ``attn30-mlp200`` client ran out of memory;
+  copies that test's tight ``attn30-mlp200`` client ran out of memory. Where activations dominate (SmolLM2)
+  the peak is in the backward pass, before that buffer exists, and the fifth copy is slack;
 * ``activations``: what autograd keeps for the backward pass, per layer and token: the two RMSNorm inputs
   (``2 h``), attention's query, key, value and output (``4 h``) and the MLP's SiLU input, SiLU output and up
   projection (``3 i``); plus what LoRA adds: each LoRA input once (``h`` for the attention input, ``h`` for
