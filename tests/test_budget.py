@@ -5,17 +5,18 @@ from __future__ import annotations
 import json
 
 import pytest
-from flwr.app import Error, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Error, Message, MessageType, RecordDict
 
 from flexlora.budget import model_dims, pick, rank_table
 from flexlora.cli import main
 from flexlora.config import ConfigError, load_config
-from flexlora.core.budget import GIB, Budget, BudgetError, StepShape, choose, estimate
+from flexlora.core.budget import GIB, LORA_COPIES, Budget, BudgetError, StepShape, choose, estimate
 from flexlora.core.ranks import RANK_TYPES, RankType
 from flexlora.engines.flower import FlowerEngine
-from flexlora.engines.flower.auto_rank import node_record
+from flexlora.engines.flower.auto_rank import MAX_REASON_CHARS, budget_note, node_record
 from flexlora.engines.flower.deployment import run_deployment
 from flexlora.engines.flower.nodes import NODE_RECORD
+from flexlora.engines.flower.records import ReplyError
 from flexlora.lora_host import LoraHost
 from flexlora.models import ALL_PROJECTIONS, load_model
 from flexlora.run import _rank_types, run_federation
@@ -44,9 +45,9 @@ def test_estimate_grows_with_rank_and_stops_at_full_rank(tiny):
     assert totals[0] < totals[63] == totals[-1]  # tiny's widest module is 64 x 160: rank 64 is full
     by_type = [estimate(dims, shapes, t, STEP) for t in RANK_TYPES.values()]
     assert all(a.total <= b.total and a.flops <= b.flops for a, b in zip(by_type, by_type[1:], strict=False))
-    # the LoRA state is the factors, their gradients and AdamW's two moments, in float32
+    # the LoRA state: the factors, their gradients, AdamW's two moments and its sqrt(v) buffer, in float32
     r8 = by_type[0]
-    assert r8.lora == 4 * 4 * sum(min(8, d, k) * (d + k) for d, k in shapes.values())
+    assert r8.lora == LORA_COPIES * 4 * sum(min(8, d, k) * (d + k) for d, k in shapes.values())
     assert r8.weights == 4 * sum(p.numel() for p in model.parameters())
 
 
@@ -79,6 +80,16 @@ def test_ranks_cli_prints_the_table_and_the_choice(capsys):
     out = capsys.readouterr().out
     assert all(name in out for name in RANK_TYPES)
     assert out.strip().splitlines()[-1].startswith("largest rank type within 64 GiB: r200 (estimated")
+    assert out.strip().splitlines()[-2].endswith("of a budget of 64 GiB; it is the largest rank type")
+    # a time budget: the round time of every type is printed, and the choice names the seconds
+    argv = ["ranks", "--model", "tiny", "--memory-gb", "64", "--seconds-per-round", "1e6", "--steps", "3"]
+    assert main([*argv, "--estimate-only", "--device", "cpu"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert (
+        lines[-2].startswith("why: r200 needs")
+        and "s per round of a budget of 64 GiB and 1e+06 s" in lines[-2]
+    )
+    assert lines[-1].startswith("largest rank type within 64 GiB and 1e+06 s per round: r200 (estimated")
     assert (
         main(["ranks", "--model", "tiny", "--memory-gb", "0.01", "--estimate-only", "--device", "cpu"]) == 2
     )
@@ -141,6 +152,46 @@ def test_budgets_distribution_is_recorded_in_assignment(tmp_path):
         load_config(raw={"federation": {"distribution": "budgets", "budgets": [{"memory_gb": -1}]}})
 
 
+def test_time_budgets_choose_types_within_the_seconds_and_say_why(tmp_path, monkeypatch):
+    """``federation.budgets`` with seconds: each client takes the largest type whose estimated round fits, and
+    ``assignment.json`` records the round time and why. The machine's matmul rate is pinned (1 GFLOP/s) so the
+    estimate, and with it the assignment, is the same on any machine."""
+    monkeypatch.setattr("flexlora.budget.gemm_flops_per_second", lambda *args, **kwargs: 1e9)
+    rows = rank_table("tiny", ALL_PROJECTIONS, 4, 256, "float32", "cpu", "estimate")
+    per_round = [2 * r.step_seconds for r in rows]  # train.steps = 2
+    assert per_round == sorted(per_round) and per_round[1] < per_round[2]
+    raw = {
+        "name": "time-budgets",
+        "output_dir": str(tmp_path),
+        "model": {"name": "tiny", "device": "cpu", "target_modules": list(ALL_PROJECTIONS)},
+        "data": {"path": "synthetic", "options": {"num_clients": 3}, "num_heldout": 1},
+        "federation": {
+            "distribution": "budgets",
+            # exactly r30's estimated round; and time to spare
+            "budgets": [
+                {"memory_gb": 64, "seconds_per_round": per_round[1]},
+                {"memory_gb": 64, "seconds_per_round": 1e6},
+            ],
+            "rounds": 1,
+            "clients_per_round": 2,
+        },
+        "train": {"steps": 2},
+        "eval": {"generate": False},
+    }
+    result = run_federation(load_config(raw=raw), progress=False)
+    tight, spare = json.loads((result.run_dir / "assignment.json").read_text()).values()
+    assert tight["rank_type"] == "r30" and spare["rank_type"] == "r200"
+    for note in (tight, spare):
+        assert note["estimated_seconds_per_round"] <= note["seconds_per_round"]
+    assert tight["estimated_seconds_per_round"] == round(per_round[1], 3)
+    # the time binds, not the memory: the next type up is named with its round time only
+    assert tight["reason"].startswith(
+        f"r30 needs {rows[1].peak_bytes / GIB:.2f} GiB and {per_round[1]:.1f} s"
+    )
+    assert tight["reason"].endswith(f"attn30-mlp200 would need {per_round[2]:.1f} s per round (estimated)")
+    assert spare["reason"].endswith("it is the largest rank type (estimated)")
+
+
 def _auto_node(node_config: dict, run_config: dict):
     """A fake SuperNode whose query is answered by the real ``lora-rank="auto"`` code."""
     fake = trainer(node_config)
@@ -190,3 +241,12 @@ def test_supernode_auto_rank_is_chosen_from_its_budget_and_recorded(tmp_path, ca
     assert record["fixed"] == "r8" and set(record) == {"big", "fixed"}
     assert record["big"]["rank_type"] == "r200" and record["big"]["memory_gb"] == 64.0
     assert 0 < record["big"]["estimated_gb"] < 64
+    assert record["big"]["reason"].endswith("of a budget of 64 GiB; it is the largest rank type (estimated)")
+
+
+def test_a_nodes_budget_reason_is_one_bounded_line():
+    good = ConfigRecord({"memory-gb": 4.0, "estimated-gb": 1.5, "budget-reason": "r8 needs 1.50 GiB"})
+    assert budget_note(good, 7) == {"reason": "r8 needs 1.50 GiB", "memory_gb": 4.0, "estimated_gb": 1.5}
+    for bad in ("two\nlines", "x" * (MAX_REASON_CHARS + 1), 3.0):
+        with pytest.raises(ReplyError, match=r"node\[budget-reason\]"):
+            budget_note(ConfigRecord({"memory-gb": 4.0, "budget-reason": bad}), 7)

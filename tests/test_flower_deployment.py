@@ -16,6 +16,7 @@ the SuperLink refuses it, and node A's client trains on node A's registered node
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -29,7 +30,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from flexlora.budget import rank_table
 from flexlora.core.adapter_io import read_adapter
+from flexlora.core.budget import GIB
+from flexlora.models import DEFAULT_TARGET_MODULES
 from flower_pki import make_node_key, make_tls
 
 REPO = Path(__file__).resolve().parents[1]
@@ -110,8 +114,8 @@ NODES = (("node-a", 'lora-rank=4 client-id="0"'), ("node-b", 'lora-rank=8 client
 
 
 @contextmanager
-def loopback(home: Path, extra_node_config: str = "", env: dict[str, str] | None = None):
-    """A SuperLink and the two SuperNodes of ``NODES`` on free loopback ports, stopped on exit."""
+def loopback(home: Path, extra_node_config: str = "", env: dict[str, str] | None = None, nodes=NODES):
+    """A SuperLink and two SuperNodes (``NODES`` unless given) on free loopback ports, stopped on exit."""
     home.mkdir(parents=True)
     link = free_port()
     _config_toml(home, link, "insecure = true")
@@ -123,7 +127,7 @@ def loopback(home: Path, extra_node_config: str = "", env: dict[str, str] | None
             "--disable-runtime-dependency-installation",
         )  # fmt: skip
         wait_for(lambda: _accepts(link), 60, "the SuperLink did not listen")
-        for name, node_config in NODES:
+        for name, node_config in nodes:
             c.start(
                 name, "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link}",
                 "--host", "127.0.0.1", "--port", str(free_port()),
@@ -242,6 +246,36 @@ def test_deployment_on_loopback_with_a_node_killed_mid_run(cluster, tmp_path):
     assert update.modules and all(f.rank <= 4 + 8 for f in update.modules.values())
     assert {p.name for p in (run_dir / "adapters").iterdir()} == {"full", "r4", "r8"}
     assert json.loads((run_dir / "assignment.json").read_text()) == {"0": "r4", "1": "r8"}
+
+
+@pytest.mark.slow  # one round on loopback, ~3.5 minutes on a loaded 2-core box
+def test_deployment_with_an_auto_rank_node_records_its_choice_and_reason(tmp_path):
+    """Node A declares ``lora-rank="auto"`` with exactly ``r8``'s estimated memory for this run (tiny, default
+    targets, batch 4 x 48 tokens; an empty measurement cache, so the node goes by the estimate): it trains at
+    r8, and the server's ``assignment.json`` records its type, budget and why."""
+    rows = rank_table("tiny", DEFAULT_TARGET_MODULES, 4, 48, "float32", "cpu", "estimate")
+    memory = math.ceil(rows[0].estimate.total / GIB * 1e6) / 1e6  # r8's need; r30 needs more
+    assert rows[1].estimate.total > memory * GIB
+    nodes = (
+        ("node-a", f'lora-rank="auto" memory-gb={memory} client-id="0"'),
+        ("node-b", 'lora-rank=4 client-id="1"'),
+    )
+    env = {"FLEXLORA_CACHE": str(tmp_path / "cache")}
+    with loopback(tmp_path / "flwr-home", env=env, nodes=nodes) as cluster:
+        run_dir = _run(cluster, tmp_path, rounds=1)
+    record = json.loads((run_dir / "assignment.json").read_text())
+    assert record["1"] == "r4"
+    auto = record["0"]
+    assert auto["rank_type"] == "r8" and auto["memory_gb"] == memory
+    assert auto["estimated_gb"] == round(rows[0].estimate.total / GIB, 3)
+    assert auto["reason"].startswith(
+        f"r8 needs {rows[0].estimate.total / GIB:.2f} GiB of a budget of {memory:g} GiB"
+    )
+    assert auto["reason"].endswith(f"r30 would need {rows[1].estimate.total / GIB:.2f} GiB (estimated)")
+    jobs = {
+        job["client"]: job for job in json.loads((run_dir / "flower.json").read_text())["rounds"][0]["jobs"]
+    }
+    assert jobs["0"]["trained_ranks"] == [8] and jobs["1"]["trained_ranks"] == [4]
 
 
 @pytest.mark.slow  # ~4 minutes on a loaded 2-core box (still part of `make test`)

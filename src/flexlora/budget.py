@@ -26,13 +26,24 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from flexlora.core.budget import GIB, RUNTIME_BYTES, Budget, Cost, ModelDims, StepShape, choose, estimate
+from flexlora.core.budget import (
+    GIB,
+    RUNTIME_BYTES,
+    Budget,
+    Cost,
+    ModelDims,
+    StepShape,
+    choose,
+    estimate,
+    reason,
+)
 from flexlora.core.ranks import RANK_TYPES, RankType
 
 __all__ = [
     "RankRow",
     "assignment_record",
     "budget_rank_types",
+    "costs",
     "gemm_flops_per_second",
     "measure",
     "model_dims",
@@ -220,8 +231,14 @@ def pick(rows: Sequence[RankRow], budget: Budget, steps_per_round: int | None) -
     Raises:
         flexlora.core.budget.BudgetError: nothing fits (one line).
     """
-    name = choose([(r.rank_type.name, r.peak_bytes, r.step_seconds) for r in rows], budget, steps_per_round)
+    name = choose(costs(rows), budget, steps_per_round)
     return next(r for r in rows if r.rank_type.name == name)
+
+
+def costs(rows: Sequence[RankRow]) -> list[tuple[str, int, float]]:
+    """``(rank type, peak bytes, seconds per step)`` of each row, as :func:`flexlora.core.budget.choose` and
+    :func:`flexlora.core.budget.reason` take them (measured where measured, else estimated)."""
+    return [(r.rank_type.name, r.peak_bytes, r.step_seconds) for r in rows]
 
 
 # ---------------------------------------------------------------------------------------------- runs
@@ -238,7 +255,7 @@ def budget_rank_types(
 
     Returns:
         The rank types, and per client what ``assignment.json`` records (budget, estimated peak and round
-        time).
+        time, and the reason in one line: :func:`flexlora.core.budget.reason`).
 
     Raises:
         flexlora.core.budget.BudgetError: a budget that no rank type fits.
@@ -257,6 +274,7 @@ def budget_rank_types(
         row = pick(rows, budget, steps_per_round)
         types.append(row.rank_type)
         note = {"memory_gb": budget.memory_gb, "estimated_gb": round(row.peak_bytes / GIB, 3)}
+        note["reason"] = reason(costs(rows), budget, steps_per_round) + " (estimated)"
         if budget.seconds_per_round is not None:
             note |= {
                 "seconds_per_round": budget.seconds_per_round,

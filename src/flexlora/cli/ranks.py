@@ -6,8 +6,8 @@
 
 Measures each rank type with a short real training step in a fresh process (cached under
 ``<cache>/ranks/``; later calls are instant), or only estimates it (``--estimate-only``), prints the table
-of estimated and measured peak memory and seconds per round, and the largest type that fits. Exits 2 with
-one line when none fits.
+of estimated and measured peak memory and seconds per round, why the choice (what it needs, and what the next
+type up would need beyond the budget), and the largest type that fits. Exits 2 with one line when none fits.
 """
 
 from __future__ import annotations
@@ -46,7 +46,8 @@ def _seconds(value: float | None, steps: int) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from flexlora.budget import pick, rank_table
+    from flexlora.budget import costs, pick, rank_table
+    from flexlora.core.budget import reason
 
     budget = Budget(args.memory_gb, args.seconds_per_round)
     if args.batch_size < 1 or args.max_length < 2 or args.steps < 1:
@@ -71,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
         )
         print("  ".join(f"{c:>16}" for c in cells))
     chosen = pick(rows, budget, args.steps)
+    print(f"why: {reason(costs(rows), budget, args.steps)}")
     source = "measured" if chosen.measured_bytes is not None else "estimated"
     print(
         f"largest rank type within {args.memory_gb:g} GiB"

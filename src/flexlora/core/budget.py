@@ -6,7 +6,12 @@ shape). With ``T = batch * seq_len`` tokens, ``L`` layers, hidden ``h``, MLP wid
 and ``a`` bytes per activation, the peak is the sum of
 
 * ``weights``: every base parameter, ``P * a``;
-* ``lora``: the factors, their gradients and AdamW's two moments, ``4 * 4 * sum_m r_m (d_m + k_m)`` (float32);
+* ``lora``: five float32 copies of the factors, ``5 * 4 * sum_m r_m (d_m + k_m)``: the factors, their
+  gradients, AdamW's two moments, and one more of the same size alive at the peak (torch's multi-tensor AdamW
+  writes ``sqrt(v)`` to a new buffer). Measured: 20.3 bytes per LoRA parameter (the peak-RSS slope from
+  ``r8`` to ``attn30-mlp200`` and ``r200`` on the 8-layer model of ``tests/test_budget_oom.py``); with four
+  copies that test's tight ``attn30-mlp200`` client ran out of memory. Where activations dominate (SmolLM2)
+  the peak is in the backward pass, before that buffer exists, and the fifth copy is slack;
 * ``activations``: what autograd keeps for the backward pass, per layer and token: the two RMSNorm inputs
   (``2 h``), attention's query, key, value and output (``4 h``) and the MLP's SiLU input, SiLU output and up
   projection (``3 i``); plus what LoRA adds: each LoRA input once (``h`` for the attention input, ``h`` for
@@ -14,8 +19,9 @@ and ``a`` bytes per activation, the peak is the sum of
 * ``logits``: the response logits, their log-softmax and the two gradients alive in the backward pass,
   ``4 * T * V * 4`` (float32);
 * ``allowance``: ``ALLOWANCE = 0.4`` of activations and logits, for what the terms above leave out (autograd's
-  transient gradients, the allocator's fragmentation): the smallest multiple of 0.1 that makes the estimate an
-  upper bound of all eight measured SmolLM2 peaks (``docs/ranks.md``), so a budget chosen by estimate holds;
+  transient gradients, the allocator's fragmentation): the smallest multiple of 0.1 that made the estimate an
+  upper bound of all eight measured SmolLM2 peaks (``docs/ranks.md``) with four LoRA copies; the fifth only
+  raised the estimate, so a budget chosen by estimate holds;
 * ``runtime``: the interpreter with torch, transformers and PEFT imported (on CPU: the measured peak RSS of
   training the tiny model, whose own tensors take under 5 MB; 0 on CUDA, where only allocations count).
 
@@ -37,6 +43,7 @@ from flexlora.core.ranks import RankType, module_ranks
 __all__ = [
     "ALLOWANCE",
     "GIB",
+    "LORA_COPIES",
     "RUNTIME_BYTES",
     "Budget",
     "BudgetError",
@@ -45,6 +52,7 @@ __all__ = [
     "StepShape",
     "choose",
     "estimate",
+    "reason",
 ]
 
 GIB = 1024**3
@@ -52,6 +60,8 @@ GIB = 1024**3
 RUNTIME_BYTES = int(0.40 * GIB)
 #: Share of activations and logits added for transients and fragmentation (calibrated, module doc).
 ALLOWANCE = 0.4
+#: Float32 copies of the LoRA factors alive at a training step's peak (module doc).
+LORA_COPIES = 5
 _FP32 = 4
 _QKV = frozenset({"q_proj", "k_proj", "v_proj"})
 _GATE_UP = frozenset({"gate_proj", "up_proj"})
@@ -179,13 +189,33 @@ def estimate(
     return Cost(
         rank_type=rank_type.name,
         weights=dims.params * a,
-        lora=4 * _FP32 * lora_params,
+        lora=LORA_COPIES * _FP32 * lora_params,
         activations=activations,
         logits=logits,
         allowance=int(ALLOWANCE * (activations + logits)),
         runtime=runtime,
         flops=float(base_flops + 6 * T * lora_params),
     )
+
+
+def _need(peak: int, seconds: float, budget: Budget, steps_per_round: int | None) -> str:
+    """``"1.20 GiB"`` (and ``"and 8.1 s per round"`` under a time budget): what a rank type needs."""
+    need = f"{peak / GIB:.2f} GiB"
+    if budget.seconds_per_round is not None:
+        need += f" and {seconds * steps_per_round:.1f} s per round"
+    return need
+
+
+def _have(budget: Budget) -> str:
+    seconds = budget.seconds_per_round
+    return f"{budget.memory_gb:g} GiB" + (f" and {seconds:g} s per round" if seconds is not None else "")
+
+
+def _fits(peak: int, seconds: float, budget: Budget, steps_per_round: int | None) -> tuple[bool, bool]:
+    """Whether a rank type's memory, and its round time, fit the budget."""
+    memory = peak <= budget.memory_gb * GIB
+    time = budget.seconds_per_round is None or seconds * steps_per_round <= budget.seconds_per_round
+    return memory, time
 
 
 def choose(
@@ -206,20 +236,34 @@ def choose(
     """
     if budget.seconds_per_round is not None and not steps_per_round:
         raise BudgetError("a time budget needs a fixed number of steps per round (train.steps)")
-    limit = budget.memory_gb * GIB
-    fitting = [
-        name
-        for name, peak, seconds in costs
-        if peak <= limit
-        and (budget.seconds_per_round is None or seconds * steps_per_round <= budget.seconds_per_round)
-    ]
+    fitting = [name for name, peak, seconds in costs if all(_fits(peak, seconds, budget, steps_per_round))]
     if fitting:
         return fitting[-1]
     name, peak, seconds = costs[0]
-    need = f"{peak / GIB:.2f} GiB"
-    if budget.seconds_per_round is not None:
-        need += f" and {seconds * steps_per_round:.1f} s per round"
-    have = f"{budget.memory_gb:g} GiB" + (
-        f" and {budget.seconds_per_round:g} s per round" if budget.seconds_per_round is not None else ""
+    raise BudgetError(
+        f"no rank type fits a budget of {_have(budget)}: the smallest, {name}, "
+        f"needs {_need(peak, seconds, budget, steps_per_round)}"
     )
-    raise BudgetError(f"no rank type fits a budget of {have}: the smallest, {name}, needs {need}")
+
+
+def reason(
+    costs: Sequence[tuple[str, int, float]], budget: Budget, steps_per_round: int | None = None
+) -> str:
+    """Why :func:`choose` takes its rank type, in one line: what it needs, and what the next type up would
+    need beyond the budget (e.g. ``"r30 needs 0.52 GiB and 8.1 s per round of a budget of 64 GiB and 10 s per
+    round; attn30-mlp200 would need 12.3 s per round"``).
+
+    Raises:
+        BudgetError: as :func:`choose`.
+    """
+    name = choose(costs, budget, steps_per_round)
+    i = next(i for i, row in enumerate(costs) if row[0] == name)
+    line = f"{name} needs {_need(*costs[i][1:], budget, steps_per_round)} of a budget of {_have(budget)}"
+    if i == len(costs) - 1:
+        return line + "; it is the largest rank type"
+    above, peak, seconds = costs[i + 1]
+    memory, time = _fits(peak, seconds, budget, steps_per_round)
+    over = [] if memory else [f"{peak / GIB:.2f} GiB"]
+    if not time:
+        over.append(f"{seconds * steps_per_round:.1f} s per round")
+    return f"{line}; {above} would need {' and '.join(over)}"

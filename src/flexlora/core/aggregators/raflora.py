@@ -18,12 +18,19 @@ whether written per component or per partition. With equal ranks ``P_j = 1`` and
 exactly. Redistribution is FlexLoRA's: the SVD of ``dW`` (factored, never formed while the sum of ranks is
 small) and the best rank-``r`` approximation for a client of rank ``r``.
 
-Provenance: only the paper's abstract and third-party summaries could be read here, not its method
-section. The rule above is the abstract's "aggregate each partition weighted by its effective client
-contributions", with the data shares ``p_i`` renormalised over each partition's contributors (so that it is
-FlexLoRA at equal ranks); if the paper defines the effective contributions otherwise (e.g. equal weights
-``1 / |C_j|``), ``partition_weights`` is the one place to change. Check it against the paper's equations
-before quoting results as raFLoRA's. The paper's training recipe is not part of the aggregator.
+As the paper defines it / where we differ: not known. The method section (Sec. 5, "raFLoRA Method") and
+the proof (App. A) could not be read here: searching the stored copies of the web, documentation and public
+code (queries on raFLoRA, rank-partitioned aggregation, rank collapse in heterogeneous FedLoRA and the arXiv
+number, on 2026-12-01) found the abstract of v1 and v2 and the paper's table of contents, but no text of
+Sec. 5 and no code by the authors. So no equation of the paper is cited here, and none is tested. The rule
+above is our reading of the abstract ("decomposes local updates into rank partitions and then aggregates each
+partition weighted by its effective client contributions"; v2 adds that the collapse is "with SVD-based
+allocation", i.e. FlexLoRA's redistribution, which this class keeps), with the data shares ``p_i``
+renormalised over each partition's contributors so that it is FlexLoRA at equal ranks. If the paper defines
+the effective contributions otherwise (e.g. equal weights ``1 / |C_j|``, or partitions at fixed rank
+boundaries rather than at the clients' ranks), ``partition_weights`` is the one place to change. Check it
+against the paper's equations before quoting results as raFLoRA's. The paper's training recipe is not part
+of the aggregator.
 """
 
 from __future__ import annotations
