@@ -101,3 +101,20 @@ def test_a_comparison_archives_its_cells_also_those_finished_before(tmp_path, ca
     assert main(["compare", str(config), "--out", str(out), "--no-progress", "--no-report"]) == 0
     assert "flexlora/uniform/seed0: archive kept" in capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "archive").rglob("*")} == before
+
+
+def test_a_sweep_archives_each_point_apart_and_a_bad_archive_key_is_refused(tmp_path):
+    from pathlib import Path
+
+    from flexlora.compare import load_comparisons
+    from flexlora.config import ConfigError
+
+    path = tmp_path / "s.yaml"
+    path.write_text(
+        "model: {name: tiny}\n"
+        "compare: {methods: [fedit], seeds: 1, out: OUT, archive: ARCH, sweep: {train.steps: [4, 16]}}\n"
+    )
+    assert [c.archive for c in load_comparisons(path)] == [Path("ARCH/steps=4"), Path("ARCH/steps=16")]
+    path.write_text("model: {name: tiny}\ncompare: {methods: [fedit], seeds: 1, archive: [a]}\n")
+    with pytest.raises(ConfigError, match="compare.archive: expected a directory"):
+        load_comparisons(path)

@@ -344,6 +344,8 @@ def plot_gap_by_budget(gaps: Sequence[Any], metric_name: str, path: str | Path) 
     ax.set_ylabel(f"gap in {metric_name} (higher rank - r8)")
     ax.set_title(f"{metric_name}: rank gap against budget (95% CI over seeds)")
     ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:  # nothing to show before any point is testable
+    if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
+    else:  # a sweep just started
+        ax.text(0.5, 0.5, "no paired seed yet", transform=ax.transAxes, ha="center", color="0.4")
     return _save(fig, Path(path))
