@@ -400,10 +400,9 @@ def load_comparisons(
         raise ConfigError(f"compare.archive: expected a directory, got {archive!r}")
     archive = Path(archive).expanduser() if archive else None
     comparisons = [
-        Comparison(raw, cells, out / name if name else out, [*overrides, *point]) for name, point in points
+        Comparison(raw, cells, out / name if name else out, [*overrides, *point], archive and archive / name)
+        for name, point in points
     ]
-    for comparison, (name, _) in zip(comparisons, points, strict=True):
-        comparison.archive = archive / name if archive and name else archive
     for comparison in comparisons:
         comparison.configs()  # validate every cell now
     return comparisons

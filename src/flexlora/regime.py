@@ -209,7 +209,9 @@ def write_regime(gaps: Sequence[Gap], out: str | Path, plots: bool = True) -> li
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "regime.md").write_text(markdown(gaps))
+    points = ", ".join(dict.fromkeys(g.point for g in gaps))
+    note = f"<!-- points found: {points} (a point not started yet has no directory and is not listed) -->\n"
+    (out / "regime.md").write_text(note + markdown(gaps))
     fields = [
         "metric", "point", "x", "examples_per_run", "contrast", "reference", "finished", "planned",
         "reference_finished", "reference_planned", "paired_seeds", "diffs", "gap_mean", "gap_ci_low",
