@@ -24,7 +24,9 @@ A base config may carry a top-level ``compare:`` section (``methods``, ``distrib
 ``method_overrides``, ``variants``, ``sweep``, ``out``, ``order``) that :func:`load_comparisons` separates
 from the run config; command-line options override it. ``variants`` are labelled variants of a method
 (``flexlora-rslora``: FlexLoRA with ``model.use_rslora=true``); ``sweep`` crosses config keys
-(``train.steps: [4, 8, 16]``) into one comparison directory per point (``OUT/steps=8``).
+(``train.steps: [4, 8, 16]``) into one comparison directory per point (``OUT/steps=8``). ``archive: DIR``
+(default: none) keeps every finished cell's final global update at rank <= 64 in ``DIR/<cell>``
+(``DIR/<point>/<cell>`` for a sweep; :mod:`flexlora.archive`), also for cells finished before it was set.
 """
 
 from __future__ import annotations
@@ -302,6 +304,7 @@ class Comparison:
     cells: list[Cell]
     out: Path
     overrides: list[str] = field(default_factory=list)
+    archive: Path | None = None  # where finished cells' rank-64 adapters go (flexlora.archive)
 
     def configs(self) -> dict[Cell, RunConfig]:
         """Every cell's config, all validated before anything runs (errors listed together)."""
@@ -362,7 +365,17 @@ def load_comparisons(
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     section = raw.pop("compare", None) or {}
-    known = {"methods", "distributions", "seeds", "method_overrides", "out", "order", "variants", "sweep"}
+    known = {
+        "methods",
+        "distributions",
+        "seeds",
+        "method_overrides",
+        "out",
+        "order",
+        "variants",
+        "sweep",
+        "archive",
+    }
     if not isinstance(section, dict) or set(section) - known:
         bad = sorted(set(section) - known) if isinstance(section, dict) else section
         raise ConfigError(f"compare: unknown key(s) {bad} (known: {sorted(known)})")
@@ -382,8 +395,13 @@ def load_comparisons(
     except ValueError as exc:
         raise ConfigError(f"compare: {exc}") from None
     out = Path(out or section.get("out") or Path(raw.get("output_dir", "runs")) / f"compare-{path.stem}")
+    archive = section.get("archive")
+    if archive is not None and not (isinstance(archive, str) and archive):
+        raise ConfigError(f"compare.archive: expected a directory, got {archive!r}")
+    archive = Path(archive).expanduser() if archive else None
     comparisons = [
-        Comparison(raw, cells, out / name if name else out, [*overrides, *point]) for name, point in points
+        Comparison(raw, cells, out / name if name else out, [*overrides, *point], archive and archive / name)
+        for name, point in points
     ]
     for comparison in comparisons:
         comparison.configs()  # validate every cell now
@@ -483,6 +501,8 @@ def _write_atomic(path: Path, text: str) -> None:
 def _run_cells(comparison: Comparison, progress: bool, stop_on_error: bool) -> dict[str, str]:
     from tqdm.auto import tqdm
 
+    from flexlora.archive import archive_cell
+
     configs = comparison.configs()
     comparison.write_plan()
     rounds = {c: cfg.federation.rounds for c, cfg in configs.items()}
@@ -504,6 +524,8 @@ def _run_cells(comparison: Comparison, progress: bool, stop_on_error: bool) -> d
             tag = f"[cell {i}/{len(configs)}] {cell.key}"
             tqdm.write(f"{tag}: {state}")
             states[cell.key] = _run_cell(cell, cfg, state, progress, stop_on_error, tag) if mine else state
+            if mine and comparison.archive and states[cell.key] == "done":
+                tqdm.write(f"{tag}: {archive_cell(cfg.run_dir, comparison.archive / cell.key)}")
         _write_atomic(
             comparison.out / "progress.md", progress_table(comparison.cells, comparison.out, rounds)
         )

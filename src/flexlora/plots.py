@@ -12,6 +12,7 @@ __all__ = [
     "comparison_plots",
     "eval_series",
     "plot_energy_beyond_min_rank",
+    "plot_gap_by_budget",
     "plot_improvement_by_category",
     "plot_metric_by_round",
     "plot_metric_by_round_grid",
@@ -299,3 +300,52 @@ def comparison_plots(records: Sequence[Any], rows: Sequence[Any], out: str | Pat
         paths.append(plot_spectrum_by_round(records, out / "spectrum_by_round.png"))
         paths.append(plot_energy_beyond_min_rank(records, out / "energy_beyond_min_rank.png"))
     return paths
+
+
+def plot_gap_by_budget(gaps: Sequence[Any], metric_name: str, path: str | Path) -> Path:
+    """The regime curve (:mod:`flexlora.regime`): per contrast, the seed-level gap against the swept value
+    (its number, else the point's name), with t-based 95% CI bars; a point with one paired seed is a hollow
+    marker without a bar, one with none is left out."""
+    plt = _pyplot()
+    points = list(dict.fromkeys(g.point for g in gaps))
+    numeric = all(g.x is not None for g in gaps)
+    where = {p: (next(g.x for g in gaps if g.point == p) if numeric else i) for i, p in enumerate(points)}
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    ax.axhline(0.0, color="0.5", lw=0.8)
+    for n, label in enumerate(dict.fromkeys(g.label for g in gaps)):
+        rows = [g for g in gaps if g.label == label]
+        tested = [g for g in rows if g.test is not None]
+        shift = 1 + 0.03 * (n - 0.5)  # keep the bars of two contrasts apart
+
+        def x(g, shift=shift, n=n):
+            return where[g.point] * shift if numeric else where[g.point] + 0.1 * n
+
+        xs = [x(g) for g in tested]
+        means = [g.test.mean for g in tested]
+        bars = [[g.test.mean - g.test.ci[0] for g in tested], [g.test.ci[1] - g.test.mean for g in tested]]
+        name, color = f"{label} - {rows[0].reference}", f"C{n}"
+        if tested:
+            ax.errorbar(xs, means, yerr=bars, marker="o", capsize=3, color=color, label=name)
+        one = [g for g in rows if g.test is None and g.diffs]
+        if one:
+            xs = [x(g) for g in one]
+            ax.scatter(
+                xs, [g.diffs[0] for g in one], facecolors="none", edgecolors=color, label=f"{name}, one seed"
+            )
+    if numeric:
+        values = [v for v in where.values() if v > 0]
+        if len(values) == len(where) and max(values) >= 4 * min(values):
+            ax.set_xscale("log", base=2)
+        ax.set_xticks(list(where.values()), [f"{v:g}" for v in where.values()])
+        ax.set_xlabel(points[0].split("=", 1)[0] + " (swept)")
+    else:
+        ax.set_xticks(range(len(points)), points)
+        ax.set_xlabel("sweep point")
+    ax.set_ylabel(f"gap in {metric_name} (higher rank - r8)")
+    ax.set_title(f"{metric_name}: rank gap against budget (95% CI over seeds)")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    else:  # a sweep just started
+        ax.text(0.5, 0.5, "no paired seed yet", transform=ax.transAxes, ha="center", color="0.4")
+    return _save(fig, Path(path))

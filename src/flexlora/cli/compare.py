@@ -2,13 +2,16 @@
 
 flexlora compare CONFIG [--methods flexlora,hetlora,...] [--distributions homo,uniform,heavy-tail-strong]
                         [--seeds N | --seeds 0,1,2] [--out DIR] [--set key=value ...] [--order method|seed]
-                        [--status] [--dry-run] [--no-report]
+                        [--status] [--dry-run] [--no-report] [--archive-only]
 
 CONFIG is a run config, optionally with a ``compare:`` section (methods, distributions, seeds,
 method_overrides, variants, sweep, out, order); options given here win. With ``sweep``, every command acts
 on each point's comparison (OUT/<key>=<value>) in turn. Finished cells are reused, interrupted ones resumed
 from their checkpoint: rerun the same command to continue. ``--status`` prints where every cell stands;
 ``--dry-run`` lists the cells. At the end ``flexlora report`` runs on OUT (tables and plots in OUT/report).
+With ``compare.archive: DIR``, every finished cell's final global adapter at rank <= 64 is kept in DIR
+(flexlora.archive); ``--archive-only`` writes what is missing there for the cells finished so far and runs
+nothing.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--status", action="store_true", help="print every cell's state and exit")
     p.add_argument("--dry-run", action="store_true", help="list the cells and exit")
     p.add_argument("--no-report", action="store_true", help="do not write OUT/report at the end")
+    p.add_argument("--archive-only", action="store_true", help="archive the finished cells (compare.archive)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (one line per round)")
     p.set_defaults(func=run)
 
@@ -75,6 +79,8 @@ def _run_one(args: argparse.Namespace, comparison) -> int:
     if args.status:
         print(comparison.progress(), end="")
         return 0
+    if args.archive_only:
+        return _archive_only(comparison)
     states = run_comparison(comparison, progress=not args.no_progress)
     print(comparison.progress(), end="")
     if not args.no_report and "done" in states.values():
@@ -83,3 +89,22 @@ def _run_one(args: argparse.Namespace, comparison) -> int:
         report = build_report([comparison.out], comparison.out / "report")
         print(f"report: {comparison.out / 'report'} ({report['runs']} finished runs)")
     return 1 if "failed" in states.values() else 0
+
+
+def _archive_only(comparison) -> int:
+    """Archive every finished cell not archived yet (one line each); 1 if any failed."""
+    from flexlora.archive import archive_cell
+    from flexlora.compare import cell_state, claim
+    from flexlora.config import ConfigError
+
+    if comparison.archive is None:
+        raise ConfigError("--archive-only: the config sets no compare.archive directory")
+    failed = False
+    for cell, cfg in comparison.configs().items():
+        if cell_state(cfg.run_dir, cfg.federation.rounds) != "done":
+            continue
+        with claim(comparison.out, cell) as mine:
+            line = archive_cell(cfg.run_dir, comparison.archive / cell.key) if mine else "claimed elsewhere"
+        failed |= "FAILED" in line
+        print(f"{cell.key}: {line}")
+    return 1 if failed else 0
