@@ -18,7 +18,7 @@ from flexlora.engines.flower.deployment import run_deployment
 from flexlora.engines.flower.nodes import NODE_RECORD
 from flexlora.models import ALL_PROJECTIONS, LoraHost, load_model
 from flexlora.run import _rank_types, run_federation
-from test_flower_fakes import FakeGrid, trainer
+from helpers.flower_fakes import FakeGrid, trainer
 
 STEP = StepShape(batch=4, seq_len=64)
 

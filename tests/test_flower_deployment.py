@@ -30,7 +30,7 @@ import pytest
 import torch
 
 from flexlora.core.adapter_io import read_adapter
-from flower_pki import make_node_key, make_tls
+from helpers.flower_pki import make_node_key, make_tls
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from flexlora.engines.flower.records import ReplyError, decode_array, update_from_reply
-from test_flower_records import _reply, factors
+from helpers.flower_records import factors, reply_with
 
 FUZZ = settings(
     max_examples=int(os.environ.get("FLEXLORA_FUZZ_EXAMPLES", "150")),
@@ -118,7 +118,7 @@ METRIC = st.floats(allow_nan=True, allow_infinity=True) | st.integers(-(2**63), 
     metrics=st.dictionaries(st.text(min_size=1, max_size=8), METRIC, max_size=40),
 )
 def test_reply_metrics_and_counts_are_bounded_and_finite(n, metrics):
-    content = _reply()
+    content = reply_with()
     content["metrics"] = MetricRecord({**metrics, "num-examples": n})
     try:
         update, kept, _ = update_from_reply(content, factors(3), "c1", node=2, max_examples=1000)

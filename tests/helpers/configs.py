@@ -1,0 +1,27 @@
+"""Run configs for end-to-end federations on the tiny model and synthetic data."""
+
+from __future__ import annotations
+
+from flexlora.config import load_config
+
+
+def tiny_config(tmp_path, *overrides, name="run"):
+    """A 2-round federation of 3 clients per round out of 10 synthetic ones, on the tiny model, writing
+    under ``tmp_path``; ``overrides`` are ``key=value`` strings as on the command line."""
+    base = [
+        f"name={name}",
+        f"output_dir={tmp_path}",
+        "model.name=tiny",
+        "model.target_modules=[q_proj, v_proj, up_proj]",
+        "data.path=synthetic",
+        "data.options={num_clients: 10, examples_per_client: 12, seed: 0}",
+        "data.num_heldout=2",
+        "federation.rounds=2",
+        "federation.clients_per_round=3",
+        "train.steps=2",
+        "train.batch_size=2",
+        "train.max_length=48",
+        "eval.max_examples_per_client=2",
+        "eval.max_new_tokens=4",
+    ]
+    return load_config(None, [*base, *overrides])
