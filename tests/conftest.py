@@ -1,13 +1,13 @@
-"""Shared fixtures: tiny random models and paths to the shared data."""
+"""Shared fixtures (tiny random models), and the plugins: ``pytester`` and the shared-data check."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import pytest
 import torch
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+from helpers.models import tiny_llama_model
+
+pytest_plugins = ["pytester", "helpers.data"]
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -31,23 +31,6 @@ def tiny():
     from flexlora.models import load_model
 
     return load_model("tiny", device="cpu")
-
-
-def tiny_llama_model(seed: int = 0):
-    """A 2-layer random Llama (hidden 32, 2 KV heads: k/v_proj are 16 x 32, MLP 64) for adapter tests."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(config).eval()
 
 
 @pytest.fixture

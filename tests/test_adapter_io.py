@@ -9,11 +9,11 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from conftest import tiny_llama_model
 from flexlora.core.adapter_io import read_adapter, write_adapter
 from flexlora.core.errors import AdapterError
 from flexlora.core.lora import LoraFactors
 from flexlora.core.safetensors_io import read_safetensors
+from helpers.models import tiny_llama_model
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "gate_proj")
 

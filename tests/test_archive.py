@@ -18,6 +18,7 @@ from flexlora.core.aggregators.base import GlobalState
 from flexlora.core.errors import AdapterError
 from flexlora.core.lora import LowRank
 from flexlora.core.output_dirs import OutputError
+from helpers.configs import tiny_base
 
 
 def finished_run(tmp_path, round_=3, rounds=3):
@@ -80,7 +81,6 @@ def test_a_rerun_keeps_the_entry_and_foreign_or_unfinished_runs_are_refused(tmp_
 
 
 def test_a_comparison_archives_its_cells_also_those_finished_before(tmp_path, capsys):
-    from test_compare import tiny_base  # tests/ is on sys.path (no package)
 
     config, out = tiny_base(tmp_path), tmp_path / "cmp"
     raw = yaml.safe_load(config.read_text())

@@ -20,7 +20,7 @@ from flexlora.engines.flower.records import ReplyError
 from flexlora.lora_host import LoraHost
 from flexlora.models import ALL_PROJECTIONS, load_model
 from flexlora.run import _rank_types, run_federation
-from test_flower_fakes import FakeGrid, trainer
+from helpers.flower_fakes import FakeGrid, trainer
 
 STEP = StepShape(batch=4, seq_len=64)
 

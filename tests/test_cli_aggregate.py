@@ -10,11 +10,11 @@ import pytest
 import torch
 from peft import PeftModel
 
-from conftest import tiny_llama_model
 from flexlora.cli import main
 from flexlora.core.adapter_io import read_adapter, write_adapter
 from flexlora.core.lora import LoraFactors
 from flexlora.core.safetensors_io import read_safetensors, write_safetensors
+from helpers.models import tiny_llama_model
 
 SHAPES = {  # the q/v/gate projections of the tiny Llama in conftest
     **{f"model.layers.{i}.self_attn.q_proj": (32, 32) for i in range(2)},

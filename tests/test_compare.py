@@ -6,13 +6,13 @@ import json
 from pathlib import Path
 
 import pytest
-import yaml
 
 import flexlora.run
 from flexlora.cli import main
 from flexlora.compare import Cell, cell_state, load_comparison, plan_cells, run_comparison
 from flexlora.config import ConfigError
 from flexlora.federation import Federation
+from helpers.configs import tiny_base
 
 
 # ---------------------------------------------------------------------------------------------- the plan
@@ -100,27 +100,6 @@ def test_compare_section_and_its_errors(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- a tiny grid
-def tiny_base(tmp_path):
-    path = tmp_path / "tiny.yaml"
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "model": {"name": "tiny", "target_modules": ["q_proj", "v_proj"]},
-                "data": {
-                    "path": "synthetic",
-                    "options": {"num_clients": 8, "examples_per_client": 8},
-                    "num_heldout": 2,
-                },
-                "federation": {"rounds": 2, "clients_per_round": 2},
-                "train": {"steps": 1, "batch_size": 2, "max_length": 40},
-                "eval": {"max_examples_per_client": 2, "max_new_tokens": 3, "generate_final_only": True},
-                "compare": {"methods": ["fedit", "flexlora"], "distributions": ["uniform"], "seeds": 2},
-            }
-        )
-    )
-    return path
-
-
 def test_grid_runs_resumes_reuses_and_reports(tmp_path, monkeypatch, capsys):
     config, out = tiny_base(tmp_path), tmp_path / "cmp"
     # ---- an interrupted first attempt: the third cell crashes in its second round

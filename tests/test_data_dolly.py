@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 
 from flexlora.data.dolly import MIN_CLIENT_EXAMPLES, DollySource
+from helpers.data import SHARED_DATA, needs_shared_data
 
-DOLLY = Path(__file__).parents[1] / "../shared/data/databricks-dolly-15k.jsonl"
-pytestmark = pytest.mark.skipif(not DOLLY.exists(), reason=f"shared data file {DOLLY} is absent")
+DOLLY = SHARED_DATA / "databricks-dolly-15k.jsonl"
+pytestmark = needs_shared_data(DOLLY)
 
 CATEGORY_SIZES = {
     "open_qa": 3742,

@@ -13,9 +13,10 @@ import pytest
 import flexlora.data.ni_jsonl as ni_jsonl
 from flexlora.data.examples import ClientInfo
 from flexlora.data.ni_jsonl import NIJsonlSource
+from helpers.data import SHARED_DATA, needs_shared_data
 
-NI_FILE = Path(__file__).parents[1] / "../shared/data/natural-instructions-1613.jsonl.gz"
-needs_ni = pytest.mark.skipif(not NI_FILE.exists(), reason=f"shared data file {NI_FILE} is absent")
+NI_FILE = SHARED_DATA / "natural-instructions-1613.jsonl.gz"
+needs_ni = needs_shared_data(NI_FILE)
 
 
 @pytest.fixture(scope="module")

@@ -17,9 +17,10 @@ from flexlora.data import (
     detect_format,
     open_source,
 )
+from helpers.data import SHARED_DATA as DATA
+from helpers.data import needs_shared_data
 
-DATA = Path(__file__).parents[1] / "../shared/data"
-needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"shared data directory {DATA} is absent")
+needs_data = needs_shared_data(DATA)
 
 
 def test_formats_registry() -> None:

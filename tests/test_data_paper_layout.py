@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 
 from flexlora.data.paper_layout import PaperLayoutSource, parse_task_name
+from helpers.data import SHARED_DATA, needs_shared_data
 
-SAMPLE = Path(__file__).parents[1] / "../shared/data/flexlora-ni-layout-sample"
-needs_sample = pytest.mark.skipif(not SAMPLE.is_dir(), reason=f"shared data directory {SAMPLE} is absent")
+SAMPLE = SHARED_DATA / "flexlora-ni-layout-sample"
+needs_sample = needs_shared_data(SAMPLE)
 
 
 @pytest.mark.parametrize(

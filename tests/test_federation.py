@@ -7,7 +7,6 @@ import json
 import pytest
 import torch
 
-from conftest import SHARED_DATA
 from flexlora.checkpoint import load_checkpoint
 from flexlora.cli import main
 from flexlora.config import ConfigError, load_config
@@ -15,27 +14,8 @@ from flexlora.core.adapter_io import read_adapter
 from flexlora.core.safetensors_io import read_safetensors
 from flexlora.federation import Federation
 from flexlora.run import resume_federation, run_federation
-
-
-def tiny_config(tmp_path, *overrides, name="run"):
-    base = [
-        f"name={name}",
-        f"output_dir={tmp_path}",
-        "model.name=tiny",
-        "model.target_modules=[q_proj, v_proj, up_proj]",
-        "data.path=synthetic",
-        "data.options={num_clients: 10, examples_per_client: 12, seed: 0}",
-        "data.num_heldout=2",
-        "federation.rounds=2",
-        "federation.clients_per_round=3",
-        "train.steps=2",
-        "train.batch_size=2",
-        "train.max_length=48",
-        "eval.max_examples_per_client=2",
-        "eval.max_new_tokens=4",
-    ]
-    return load_config(None, [*base, *overrides])
-
+from helpers.configs import tiny_config
+from helpers.data import SHARED_DATA, needs_shared_data
 
 CASES = [
     ("flexlora", "heavy-tail-strong"),
@@ -213,9 +193,7 @@ def test_cli_run_and_resume(tmp_path, capsys):
     assert "federation.rounds: must be >= 1" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(
-    not (SHARED_DATA / "flexlora-ni-layout-sample").is_dir(), reason="shared data not present"
-)
+@needs_shared_data(SHARED_DATA / "flexlora-ni-layout-sample")
 def test_smollm2_two_clients_one_round(tmp_path):
     """Integration: the real SmolLM2-135M-Instruct on two Natural Instructions clients, one round."""
     cfg = load_config(

@@ -34,7 +34,7 @@ from flexlora.budget import rank_table
 from flexlora.core.adapter_io import read_adapter
 from flexlora.core.budget import GIB
 from flexlora.models import DEFAULT_TARGET_MODULES
-from flower_pki import make_node_key, make_tls
+from helpers.flower_pki import make_node_key, make_tls
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -14,7 +14,7 @@ from flexlora.core.lora import LoraFactors
 from flexlora.core.ranks import RankType
 from flexlora.engines.flower import FlowerEngine
 from flexlora.engines.flower.records import factors_nbytes, job_from_content
-from test_flower_fakes import FakeGrid, trainer
+from helpers.flower_fakes import FakeGrid, trainer
 
 SHAPES = {"q_proj": (8, 6), "v_proj": (4, 6)}
 

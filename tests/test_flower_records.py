@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
 
 from flexlora.contracts import TrainJob, TrainResult
 from flexlora.core.aggregators import GlobalState
@@ -25,16 +25,7 @@ from flexlora.engines.flower.records import (
     state_to_arrays,
     update_from_reply,
 )
-
-SHAPES = {"layers.0.q_proj": (8, 6), "layers.0.mlp.up_proj": (10, 6)}
-
-
-def factors(rank: int, seed: int = 0, alpha: float = 16.0) -> dict[str, LoraFactors]:
-    gen = torch.Generator().manual_seed(seed)
-    return {
-        n: LoraFactors(torch.randn(rank, k, generator=gen), torch.randn(d, rank, generator=gen), alpha)
-        for n, (d, k) in SHAPES.items()
-    }
+from helpers.flower_records import SHAPES, factors, reply_with
 
 
 def test_factors_round_trip_keeps_values_alphas_and_rslora():
@@ -84,22 +75,6 @@ def test_good_reply_decodes_with_the_sent_alphas():
     assert nbytes == factors_nbytes(sent)
 
 
-def _reply(**changes) -> RecordDict:
-    content = reply_content(TrainResult(LoraUpdate(factors(3, seed=5), 12, "c1"), {"train_loss": 0.5}))
-    for key, value in changes.items():
-        record, _, item = key.partition(".")
-        if item:
-            if value is None:
-                del content[record][item.replace("__", ".")]
-            else:
-                content[record][item.replace("__", ".")] = value
-        elif value is None:
-            del content[record]
-        else:
-            content[record] = value
-    return content
-
-
 NAN = np.full((3, 6), np.nan, dtype=np.float32)
 BAD_REPLIES = {
     "missing module": ({"update.layers__0__q_proj__A": None}, "update: missing 1 array"),
@@ -134,14 +109,14 @@ BAD_REPLIES = {
 def test_bad_reply_is_refused_naming_node_and_field(case):
     changes, needle = BAD_REPLIES[case]
     with pytest.raises(ReplyError) as info:
-        update_from_reply(_reply(**changes), factors(3), "c1", node=7)
+        update_from_reply(reply_with(**changes), factors(3), "c1", node=7)
     message = str(info.value)
     assert message.startswith("node 7: ") and needle in message
     assert message.endswith("; left out of this round")
 
 
 def test_a_node_training_its_own_partition_names_its_client():
-    update, _, _ = update_from_reply(_reply(), factors(3), "", node=7)
+    update, _, _ = update_from_reply(reply_with(), factors(3), "", node=7)
     assert update.client_id == "c1"
 
 

@@ -12,7 +12,7 @@ from flexlora.core.aggregators import GlobalState, make_aggregator
 from flexlora.core.ranks import module_ranks
 from flexlora.engines.flower import FlexLoRAStrategy
 from flexlora.engines.flower.records import job_from_content, state_from_arrays, update_from_reply
-from test_flower_fakes import FakeGrid, trainer
+from helpers.flower_fakes import FakeGrid, trainer
 
 SHAPES = {"layers.0.self_attn.q_proj": (12, 10), "layers.0.mlp.up_proj": (16, 10)}
 METHODS = ["flexlora", "hetlora", "flora", "ffa", "fedavg"]

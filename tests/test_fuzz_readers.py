@@ -3,7 +3,8 @@ files) with hypothesis: malformed headers, truncated and bit-flipped files, wron
 shapes, hostile JSON and YAML, corrupt gzip. Configs and data files may only raise a one-line ValueError.
 
 Each input either loads, with no tensor larger than the file that holds it, or is refused with the one
-clear error (:class:`AdapterError`); nothing else may escape, and peak memory stays small.
+clear error (:class:`AdapterError`); nothing else may escape, and peak memory stays small
+(tests/test_fuzz_memory.py measures it in a process of its own).
 ``FLEXLORA_FUZZ_REPORT=1 pytest -s`` prints how many inputs of each kind were refused;
 ``FLEXLORA_FUZZ_RANDOM=1`` draws fresh inputs (the default is a fixed sequence) and
 ``FLEXLORA_FUZZ_EXAMPLES=N`` sets how many per test.
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import shutil
 import struct
 import tempfile
@@ -46,15 +46,10 @@ TRIED: Counter = Counter()
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _report_and_memory():
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def _report():
     yield
-    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
     if os.environ.get("FLEXLORA_FUZZ_REPORT"):
-        print(
-            f"\nfuzz: tried {dict(TRIED)}\nfuzz: refused by kind {dict(REFUSED)}\npeak RSS grew {grown_mb:.1f} MB"
-        )
-    assert grown_mb < 256, f"peak memory grew by {grown_mb:.0f} MB while reading fuzzed files"
+        print(f"\nfuzz: tried {dict(TRIED)}\nfuzz: refused by kind {dict(REFUSED)}")
 
 
 def _kind(message: str) -> str:

@@ -3,8 +3,8 @@ headers written at random, and whole train replies with random metrics and examp
 
 Each input either decodes to exactly the expected finite float matrix, or is refused with a
 :class:`ReplyError` in one line; nothing else may escape, and peak memory stays small whatever shape a header
-declares. ``FLEXLORA_FUZZ_EXAMPLES=N`` sets how many inputs per test, ``FLEXLORA_FUZZ_RANDOM=1`` draws fresh
-ones (the default is a fixed sequence).
+declares (tests/test_fuzz_memory.py measures it in a process of its own). ``FLEXLORA_FUZZ_EXAMPLES=N`` sets
+how many inputs per test, ``FLEXLORA_FUZZ_RANDOM=1`` draws fresh ones (the default is a fixed sequence).
 """
 
 from __future__ import annotations
@@ -12,18 +12,16 @@ from __future__ import annotations
 import io
 import math
 import os
-import resource
 import struct
 
 import numpy as np
-import pytest
 import torch
 from flwr.app import Array, MetricRecord
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from flexlora.engines.flower.records import ReplyError, decode_array, update_from_reply
-from test_flower_records import _reply, factors
+from helpers.flower_records import factors, reply_with
 
 FUZZ = settings(
     max_examples=int(os.environ.get("FLEXLORA_FUZZ_EXAMPLES", "150")),
@@ -34,14 +32,6 @@ FUZZ = settings(
 )
 SHAPE = (3, 6)
 GOOD = np.arange(18, dtype=np.float32).reshape(SHAPE) / 7
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _memory():
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    yield
-    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
-    assert grown_mb < 256, f"peak memory grew by {grown_mb:.0f} MB while decoding fuzzed replies"
 
 
 def _npy(values: np.ndarray) -> bytes:
@@ -118,7 +108,7 @@ METRIC = st.floats(allow_nan=True, allow_infinity=True) | st.integers(-(2**63), 
     metrics=st.dictionaries(st.text(min_size=1, max_size=8), METRIC, max_size=40),
 )
 def test_reply_metrics_and_counts_are_bounded_and_finite(n, metrics):
-    content = _reply()
+    content = reply_with()
     content["metrics"] = MetricRecord({**metrics, "num-examples": n})
     try:
         update, kept, _ = update_from_reply(content, factors(3), "c1", node=2, max_examples=1000)

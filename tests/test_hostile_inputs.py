@@ -26,7 +26,7 @@ from flexlora.cli import main
 from flexlora.core.adapter_io import write_adapter
 from flexlora.core.lora import LoraFactors
 from flexlora.core.safetensors_io import read_safetensors, write_safetensors
-from hostile import assert_refused, assert_unchanged, report, run_cli, tree_hashes
+from helpers.hostile import assert_refused, assert_unchanged, report, run_cli, tree_hashes
 
 SHAPES = {"layers.0.q_proj": (8, 6), "layers.0.v_proj": (4, 6)}
 RUN_CONFIG = """\

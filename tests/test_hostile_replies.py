@@ -16,7 +16,6 @@ import json
 import os
 import pickle
 import re
-import resource
 import signal
 import struct
 import time
@@ -34,7 +33,7 @@ from flexlora.core.patterns import PatternError, key_matches
 from flexlora.engines.flower import FlexLoRAStrategy
 from flexlora.engines.flower.records import ReplyError, decode_array, finite_metrics, update_from_reply
 from flexlora.engines.flower.strategy import _weighted
-from test_flower_fakes import FakeGrid, trainer
+from helpers.flower_fakes import FakeGrid, trainer
 
 MAX_SECONDS = 5.0  # per in-process case, generous for a loaded 2-core box (the worst measured: 0.17 s)
 TIMES: dict[str, float] = {}
@@ -42,16 +41,11 @@ MODULES = {"model.layers.0.self_attn.q_proj": (8, 6), "model.layers.0.mlp.up_pro
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _report_and_memory():
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def _report():
     yield
-    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
     if os.environ.get("FLEXLORA_HOSTILE_REPORT"):
         worst = max(TIMES, key=TIMES.get)
-        print(
-            f"\nhostile: {len(TIMES)} cases, worst {TIMES[worst] * 1e3:.1f} ms ({worst}), RSS +{grown_mb:.0f} MB"
-        )
-    assert grown_mb < 256, f"peak memory grew by {grown_mb:.0f} MB on hostile inputs"
+        print(f"\nhostile: {len(TIMES)} cases, worst {TIMES[worst] * 1e3:.1f} ms ({worst})")
 
 
 def timed(label: str, fn):
@@ -483,12 +477,12 @@ def test_strategy_norm_bound_and_alpha_are_validated():
 
 
 def test_update_from_reply_refuses_hostile_example_counts():
-    from test_flower_records import _reply
-    from test_flower_records import factors as record_factors
+    from helpers.flower_records import factors as record_factors
+    from helpers.flower_records import reply_with
 
     for n in (0, -1, 10**12, 2.5):
         with pytest.raises(ReplyError, match="num-examples"):
-            update_from_reply(_reply(**{"metrics.num-examples": n}), record_factors(3), "c1", node=7)
+            update_from_reply(reply_with(**{"metrics.num-examples": n}), record_factors(3), "c1", node=7)
 
 
 # ------------------------------------------------------------------------------ the CLI, end to end

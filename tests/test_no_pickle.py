@@ -102,7 +102,7 @@ def test_checkpoint_resume_and_adapters_never_unpickle(tmp_path, no_unpickling):
     from flexlora.checkpoint import load_checkpoint
     from flexlora.core.adapter_io import read_adapter, write_adapter
     from flexlora.core.aggregators.base import exact_factors
-    from test_validation import FakeEngine, make_federation, make_plan
+    from helpers.round_loop import FakeEngine, make_federation, make_plan
 
     plan = make_plan(rounds=2)
     fed = make_federation(tmp_path, plan, FakeEngine())

@@ -13,7 +13,7 @@ from flexlora.core.aggregators import make_aggregator
 from flexlora.core.lora import LoraFactors, LoraUpdate
 from flexlora.core.privacy import PrivateAggregator, accountant_available, privacy_spent
 from flexlora.core.validation import update_norm
-from test_validation import FakeEngine, make_federation, make_plan
+from helpers.round_loop import FakeEngine, make_federation, make_plan
 
 needs_accountant = pytest.mark.skipif(not accountant_available(), reason="dp-accounting not installed")
 SHAPES = {"q": (40, 30), "v": (20, 30)}

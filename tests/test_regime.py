@@ -14,7 +14,7 @@ from scipy import stats
 
 from flexlora.cli import main
 from flexlora.regime import regime_gaps, sweep_dirs
-from test_report import fake_run  # tests/ is on sys.path (no package)
+from helpers.report_runs import fake_run
 
 
 def plan(point, cells):

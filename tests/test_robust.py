@@ -135,7 +135,7 @@ def test_tiny_federation_with_hostile_clients_robust_median_and_retries(tmp_path
     the NaN one is refused, the finite one passes validation and the median contains it."""
     import flexlora.run as run_module
     from flexlora.run import run_federation
-    from test_federation import tiny_config
+    from helpers.configs import tiny_config
 
     real_engine = run_module._engine
 

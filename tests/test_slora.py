@@ -28,7 +28,7 @@ from flexlora.slora import (
     truncate_state,
 )
 from flexlora.training import TrainConfig
-from test_federation import tiny_config
+from helpers.configs import tiny_config
 
 
 # ---------------------------------------------------------------------------------------------- masks

@@ -7,7 +7,7 @@ import weakref
 
 import torch
 
-from test_validation import FakeEngine, make_federation, make_plan
+from helpers.round_loop import FakeEngine, make_federation, make_plan
 
 
 class StreamingEngine(FakeEngine):

@@ -1,4 +1,4 @@
-"""Shared checks for hostile-input tests (a plain module: ``from hostile import ...``).
+"""Shared checks for hostile-input tests (``from helpers.hostile import ...``).
 
 :func:`run_cli` runs the ``flexlora`` CLI of the tests' own source tree in its own child process (forked
 from a server that paid the imports once, or a fresh interpreter) and measures that child alone (wall
@@ -23,7 +23,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+TESTS = Path(__file__).resolve().parents[1]
+SRC = TESTS.parent / "src"
 MAX_SECONDS = 240.0  # generous: measured up to 82 s for a case that loads the tiny model on a loaded machine
 MAX_RSS_MB = 2048.0  # the imports alone (torch, transformers) take about 400 MB
 OUTCOMES: list[tuple[str, Outcome]] = []
@@ -80,7 +81,7 @@ _server: subprocess.Popen | None = None
 def _child_env(env: dict[str, str] | None) -> dict[str, str]:
     child_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     child_env["PYTHONPATH"] = os.pathsep.join(
-        [str(SRC), str(Path(__file__).parent), *filter(None, [os.environ.get("PYTHONPATH")])]
+        [str(SRC), str(TESTS), *filter(None, [os.environ.get("PYTHONPATH")])]
     )
     return child_env
 

@@ -1,4 +1,4 @@
-"""Test helpers (no tests): a Grid without a Flower runtime, messages go straight to Python handlers."""
+"""A Grid without a Flower runtime, messages go straight to Python handlers."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from flexlora.contracts import TrainResult
 from flexlora.core.lora import LoraFactors, LoraUpdate
 from flexlora.engines.flower.nodes import NODE_RECORD
-from flexlora.engines.flower.records import NodeDeclaration, job_from_content, node_declaration, reply_content
+from flexlora.engines.flower.records import job_from_content, node_declaration, reply_content
 
 Handler = Callable[[Message], Message | None]
 
@@ -94,8 +94,3 @@ class FakeGrid(Grid):
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
         return self.pull_messages(self.push_messages(messages))
-
-
-def declaration(rank: int | str, client: str | None = None) -> NodeDeclaration:
-    cfg = {"lora-rank": rank} if client is None else {"lora-rank": rank, "client-id": client}
-    return node_declaration(cfg)
