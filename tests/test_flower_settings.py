@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import re
+from types import SimpleNamespace
+
 import pytest
 
-from flexlora.config import ConfigError
+from flexlora.config import ConfigError, load_config
 from flexlora.engines.flower.settings import (
     FLOWER_DEFAULTS,
     client_settings,
@@ -69,3 +72,50 @@ def test_a_node_trains_as_its_declared_client_or_its_partition():
         own_client(_Source(), {"client-id": "z"})
     with pytest.raises(ValueError, match="set client-id"):
         own_client(_Source(), {})
+
+
+# ---------------------------------------------------------------------------------------------- local engine only
+LOCAL_ONLY = "federation.method: {} runs on the local engine only .*use federation.engine=local"
+
+
+@pytest.mark.parametrize("placement", ["simulation", "deployment"])
+@pytest.mark.parametrize("method", ["slora", "slora+flexlora"])
+def test_slora_is_refused_on_flower_at_either_placement_naming_the_key(placement, method):
+    """Validated once the engine and placement are known: Flower does not carry SLoRA's sparse stage, and a
+    ``set`` that claims the local engine does not change where the ServerApp runs."""
+    for extra in ({}, {"set": "federation.engine=local"}):
+        with pytest.raises(ConfigError, match=LOCAL_ONLY.format(re.escape(method))):
+            run_config_from_flower({"method": method, "placement": placement, **extra})
+    with pytest.raises(ConfigError, match="hetlora-cho's client regulariser"):
+        run_config_from_flower({"method": "hetlora-cho", "distribution": "uniform", "placement": placement})
+
+
+@pytest.mark.parametrize("placement", ["simulation", "deployment"])
+def test_the_server_app_refuses_slora_before_touching_the_grid(placement):
+    from flexlora.engines.flower.server_app import main
+
+    context = SimpleNamespace(run_config={"method": "slora", "placement": placement})
+    with pytest.raises(ConfigError, match=LOCAL_ONLY.format("slora")):
+        main(object(), context)  # the grid is never used
+
+
+def test_deployment_refuses_slora_before_writing_anything(tmp_path):
+    """A config built for the local engine, handed to the deployment recipe: refused before the run
+    directory, the roster or the model are touched."""
+    from flexlora.engines.flower.deployment import run_deployment
+
+    cfg = load_config(None, ["federation.method=slora+flexlora", f"output_dir={tmp_path}", "name=d"])
+    with pytest.raises(ConfigError, match=LOCAL_ONLY.format(re.escape("slora+flexlora"))):
+        run_deployment(cfg, engine=None)  # type: ignore[arg-type]
+    assert not (tmp_path / "d").exists()
+
+
+def test_cli_refuses_slora_on_the_flower_engine_in_one_line(tmp_path, capsys):
+    from flexlora.cli import main
+
+    path = tmp_path / "c.yaml"
+    path.write_text(f"model: {{name: tiny}}\nfederation: {{method: slora}}\noutput_dir: {tmp_path}\n")
+    assert main(["run", str(path), "--engine", "flower"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert re.search(LOCAL_ONLY.format("slora"), err) and "\n" not in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == [path]  # nothing written

@@ -287,7 +287,10 @@ def _check(cfg: RunConfig, errors: list[str]) -> None:
                 f"got {fed.slora_rounds}"
             )
         if fed.engine != "local":
-            errors.append(f"federation.engine: {fed.method} runs its sparse stage on the local engine only")
+            errors.append(
+                f"federation.method: {fed.method} runs on the local engine only (its sparse first stage is not "
+                "carried by Flower); use federation.engine=local"
+            )
     if fed.method == "hetlora-cho":
         try:
             TailPenalty(fed.hetlora_lambda, fed.hetlora_gamma, fed.hetlora_threshold)

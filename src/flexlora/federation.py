@@ -16,10 +16,10 @@ import random
 import time
 import zlib
 from collections import Counter
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from tqdm.auto import tqdm
@@ -34,7 +34,7 @@ from flexlora.core.privacy import PrivateAggregator
 from flexlora.core.ranks import RankType, module_ranks
 from flexlora.core.validation import UpdateLimits, UpdateRejected, check_update
 
-__all__ = ["Federation", "FederationPlan", "derive_seed"]
+__all__ = ["AggregationStage", "Federation", "FederationPlan", "RoundTally", "Stage", "derive_seed"]
 
 log = logging.getLogger(__name__)
 Evaluator = Callable[[dict[str, LoraFactors] | None], dict[str, Any]]
@@ -105,6 +105,51 @@ class RoundTally:
     aggregate: float = 0.0
 
 
+class Stage(Protocol):
+    """One phase of a federation's schedule: it runs ``rounds`` consecutive rounds (``None``: every round left).
+
+    :class:`Federation` walks its schedule in order; the round loop (sampling, retries, evaluation,
+    checkpoints) is the same for every stage, only how a round trains and aggregates differs.
+    """
+
+    rounds: int | None
+
+    def run_round(
+        self, federation: Federation, state: ServerState, round_: int, clients: list[str], tally: RoundTally
+    ) -> GlobalState | None:
+        """Train ``clients`` from ``state`` and return the new global state, or ``None`` when fewer than
+        ``federation.plan.min_clients`` valid updates came back (the round is then retried with a fresh
+        sample). ``tally`` receives the results (updates dropped), failures and seconds."""
+        ...
+
+    def round_metrics(self, federation: Federation, round_: int) -> dict[str, Any]:
+        """What the stage adds to the round's metrics once it has run: ``bytes`` ``{sent, received}`` (since
+        the last call), and e.g. ``stage`` or ``privacy``."""
+        ...
+
+
+@dataclass(frozen=True)
+class AggregationStage:
+    """The method's own rounds: the engine trains each client's payload (:meth:`Federation.jobs`), each valid
+    update is folded into the aggregate as it arrives (:meth:`Federation.train_and_fold`) by the method's
+    aggregator, with its DP or robust wrapper; a private aggregator reports the privacy spent after
+    ``round`` releases."""
+
+    rounds: int | None = None
+
+    def run_round(
+        self, federation: Federation, state: ServerState, round_: int, clients: list[str], tally: RoundTally
+    ) -> GlobalState | None:
+        return federation.train_and_fold(state, round_, federation.jobs(state, round_, clients), tally)
+
+    def round_metrics(self, federation: Federation, round_: int) -> dict[str, Any]:
+        metrics: dict[str, Any] = {}
+        if isinstance(federation.aggregator, PrivateAggregator):
+            metrics["privacy"] = federation.aggregator.privacy_spent(releases=round_)
+        sent, received = federation.engine.bytes_moved()
+        return {**metrics, "bytes": {"sent": sent, "received": received}}
+
+
 class Federation:
     """Runs rounds ``state.round + 1 ... plan.rounds`` and checkpoints after each.
 
@@ -116,8 +161,9 @@ class Federation:
             metrics such as ``rougeL``, ``loss``.
         run_dir: where ``metrics.jsonl`` and ``checkpoint/`` go.
         config: the resolved config, saved in every checkpoint.
-        sparse_stage: SLoRA: runs the first ``sparse_stage.rounds`` rounds instead of the engine and the
-            aggregator (:class:`flexlora.slora.SparseStage`).
+        schedule: the stages, in order, that run rounds ``1 ... plan.rounds`` (:class:`Stage`); by default
+            the method's :class:`AggregationStage` for every round. SLoRA puts its sparse stage
+            (:class:`flexlora.slora.SparseStage`) first.
         final_evaluate: evaluates the last round instead of ``evaluate`` (e.g. with generation).
         limits: bounds every client update must respect (:func:`flexlora.core.validation.check_update`).
         round_retries: a round with fewer than ``plan.min_clients`` valid updates is retried this many times
@@ -134,7 +180,7 @@ class Federation:
         run_dir: str | Path,
         config: dict[str, Any],
         progress: bool = True,
-        sparse_stage: Any = None,
+        schedule: Sequence[Stage] = (AggregationStage(),),
         final_evaluate: Evaluator | None = None,
         limits: UpdateLimits | None = None,
         round_retries: int = 0,
@@ -142,9 +188,22 @@ class Federation:
     ):
         self.plan, self.aggregator, self.engine, self.evaluate = plan, aggregator, engine, evaluate
         self.run_dir, self.config, self.progress = Path(run_dir), config, progress
-        self.sparse_stage, self.final_evaluate = sparse_stage, final_evaluate
+        self.schedule, self.final_evaluate = tuple(schedule), final_evaluate
         self.limits, self.round_retries = limits or UpdateLimits(), round_retries
         self.on_round = on_round or (lambda metrics: None)
+        covered = sum(math.inf if s.rounds is None else s.rounds for s in self.schedule)
+        if covered < plan.rounds:
+            raise ValueError(f"the schedule covers {covered} rounds, the plan has {plan.rounds}")
+
+    def stage(self, round_: int) -> Stage:
+        """The stage that runs round ``round_`` (1-based): each stage of the schedule takes its ``rounds``
+        rounds after the previous one's."""
+        last = 0
+        for stage in self.schedule:
+            if stage.rounds is None or round_ <= last + stage.rounds:
+                return stage
+            last += stage.rounds
+        raise ValueError(f"round {round_}: past the end of the schedule ({last} rounds)")
 
     def initial_state(self) -> ServerState:
         """Round 0: ``B = 0`` and a seeded ``A`` at each module's largest rank, shared by all methods."""
@@ -262,89 +321,77 @@ class Federation:
         return new_global if len(tally.results) >= self.plan.min_clients else None
 
     def run_round(self, state: ServerState) -> ServerState:
-        round_ = state.round + 1
-        t0 = time.perf_counter()
-        # ---------------------------------------------------------------- sample, train and check
-        sparse = self.sparse_stage is not None and round_ <= self.sparse_stage.rounds  # SLoRA's stage 1
-        tally = RoundTally()
-        failures, rejected = tally.failures, tally.rejected
-        for attempt in range(self.round_retries + 1):
-            clients = self.plan.sample(round_, attempt, exclude=failures)
-            if sparse:
-                outcomes = self.sparse_stage.train(state.global_state, round_, clients)
-                results = [o for o in outcomes if isinstance(o, TrainResult)]
-                failures.update({o.client_id: o.reason for o in outcomes if isinstance(o, TrainFailure)})
-                ok = len(results) >= self.plan.min_clients
-            else:
-                new_global = self.train_and_fold(state, round_, self.jobs(state, round_, clients), tally)
-                results, ok = tally.results, new_global is not None
-            if ok:
-                break
-            log.warning(
-                "round %d, attempt %d of %d: %d valid updates, %d needed",
-                round_,
-                attempt + 1,
-                self.round_retries + 1,
-                len(results),
-                self.plan.min_clients,
-            )
-        else:
-            raise AggregationError(
-                f"round {round_}: {len(results)} valid updates, {self.plan.min_clients} needed, after "
-                f"{self.round_retries + 1} attempt(s) ({len(failures)} clients failed or were refused); the run "
-                f"stops, its checkpoint (round {state.round}) is untouched"
-            )
-        t_train = time.perf_counter() - tally.aggregate
-        # ---------------------------------------------------------------- aggregate (streamed above, or SLoRA's)
-        if sparse:
-            new_global = self.sparse_stage.aggregate([r.update for r in results], state.global_state, round_)
-        t_agg = time.perf_counter()
-        # ---------------------------------------------------------------- evaluate
-        metrics: dict[str, Any] = {
-            "round": round_,
-            "clients": clients,
-            "received": len(results),
-            "failures": failures,
-            "rejected": dict(rejected),
-            "attempts": attempt + 1,
-            "train_loss": _weighted_mean(results, "train_loss"),
-            "train_steps": sum(r.metrics.get("steps", 0) for r in results),
-            "train_tokens": int(sum(r.metrics.get("tokens", 0) for r in results)),  # non-padding
-            "eval_tokens": 0,
-        }
+        """Round ``state.round + 1``: the schedule's stage for it trains and aggregates (:meth:`attempt`), then
+        the global update is evaluated, its metrics recorded and the state checkpointed."""
+        round_, t0 = state.round + 1, time.perf_counter()
+        stage, tally = self.stage(round_), RoundTally()
+        new_global, clients, attempts = self.attempt(stage, state, round_, tally)
+        t_trained = time.perf_counter()
+        metrics = round_record(round_, clients, attempts, tally)
         if new_global.info:
             metrics["aggregation"] = dict(new_global.info)  # clipping and noise of a robust / private rule
-        if isinstance(self.aggregator, PrivateAggregator) and not sparse:
-            metrics["privacy"] = self.aggregator.privacy_spent(releases=round_)
-        if sparse:
-            metrics["stage"] = "slora-sparse"
-        if round_ % self.plan.eval_every == 0 or round_ == self.plan.rounds:
-            final = round_ == self.plan.rounds and self.final_evaluate is not None
-            evaluate = self.final_evaluate if final else self.evaluate
-            metrics["eval"] = evaluate(exact_factors(new_global, self.plan.alpha, self.plan.use_rslora))
-            metrics["eval_tokens"] = sum(
-                e.get("tokens", 0) for e in (metrics["eval"], metrics["eval"].get("trained", {}))
-            )
+        metrics.update(stage.round_metrics(self, round_))
+        self.evaluate_round(round_, new_global, metrics)
         t_eval = time.perf_counter()
         metrics["spectrum"] = spectrum_summary(new_global, self.plan)
-        sent, received = (self.sparse_stage if sparse else self.engine).bytes_moved()
-        metrics["bytes"] = {"sent": sent, "received": received}
-        # ---------------------------------------------------------------- checkpoint
-        new_state = ServerState(round_, new_global, state.assignment, [*state.metrics])
         metrics["seconds"] = {
-            "train": t_train - t0 - tally.validate,
+            "train": t_trained - t0 - tally.validate - tally.aggregate,
             "validate": tally.validate,
-            "aggregate": t_agg - t_train,
-            "eval": t_eval - t_agg,
-            "client_train": sum(r.metrics.get("seconds", 0.0) for r in results),
+            "aggregate": tally.aggregate,
+            "eval": t_eval - t_trained,
+            "client_train": sum(r.metrics.get("seconds", 0.0) for r in tally.results),
         }
+        new_state = ServerState(round_, new_global, state.assignment, [*state.metrics, metrics])
         t_ckpt = time.perf_counter()
-        new_state.metrics.append(metrics)
         save_checkpoint(self.run_dir, new_state, self.config)
         metrics["seconds"]["checkpoint"] = time.perf_counter() - t_ckpt
         metrics["seconds"]["total"] = time.perf_counter() - t0
         self.write_metrics(new_state.metrics)
         return new_state
+
+    def attempt(
+        self, stage: Stage, state: ServerState, round_: int, tally: RoundTally
+    ) -> tuple[GlobalState, list[str], int]:
+        """Run ``stage`` on a sample of clients until it has ``plan.min_clients`` valid updates, drawing a fresh
+        sample (without the clients that failed) up to ``round_retries`` more times.
+
+        Returns:
+            ``(new global state, the last attempt's clients, attempts made)``.
+
+        Raises:
+            AggregationError: every attempt fell short; the checkpoint is untouched.
+        """
+        tries = self.round_retries + 1
+        for attempt in range(tries):
+            clients = self.plan.sample(round_, attempt, exclude=tally.failures)
+            new_global = stage.run_round(self, state, round_, clients, tally)
+            if new_global is not None:
+                return new_global, clients, attempt + 1
+            log.warning(
+                "round %d, attempt %d of %d: %d valid updates, %d needed",
+                round_,
+                attempt + 1,
+                tries,
+                len(tally.results),
+                self.plan.min_clients,
+            )
+        raise AggregationError(
+            f"round {round_}: {len(tally.results)} valid updates, {self.plan.min_clients} needed, after "
+            f"{tries} attempt(s) ({len(tally.failures)} clients failed or were refused); the run "
+            f"stops, its checkpoint (round {state.round}) is untouched"
+        )
+
+    def evaluate_round(self, round_: int, new_global: GlobalState, metrics: dict[str, Any]) -> None:
+        """Every ``plan.eval_every`` rounds and after the last (with ``final_evaluate`` when given), evaluate the
+        global update into ``metrics["eval"]`` and count the tokens it read."""
+        if round_ % self.plan.eval_every and round_ != self.plan.rounds:
+            return
+        final = round_ == self.plan.rounds and self.final_evaluate is not None
+        evaluate = self.final_evaluate if final else self.evaluate
+        metrics["eval"] = evaluate(exact_factors(new_global, self.plan.alpha, self.plan.use_rslora))
+        metrics["eval_tokens"] = sum(
+            e.get("tokens", 0) for e in (metrics["eval"], metrics["eval"].get("trained", {}))
+        )
 
     # ---------------------------------------------------------------------------- the loop
     def run(self, state: ServerState | None = None) -> ServerState:
@@ -396,6 +443,23 @@ def _weighted_mean(results: list[TrainResult], key: str) -> float | None:
             pairs.append((r.update.num_examples, value))
     total = sum(n for n, _ in pairs)
     return sum(n * v for n, v in pairs) / total if total else None
+
+
+def round_record(round_: int, clients: list[str], attempts: int, tally: RoundTally) -> dict[str, Any]:
+    """A round's metrics from its training: who was asked, what came back, what failed, what was trained."""
+    results = tally.results
+    return {
+        "round": round_,
+        "clients": clients,
+        "received": len(results),
+        "failures": tally.failures,
+        "rejected": dict(tally.rejected),
+        "attempts": attempts,
+        "train_loss": _weighted_mean(results, "train_loss"),
+        "train_steps": sum(r.metrics.get("steps", 0) for r in results),
+        "train_tokens": int(sum(r.metrics.get("tokens", 0) for r in results)),  # non-padding
+        "eval_tokens": 0,
+    }
 
 
 def spectrum_summary(state: GlobalState, plan: FederationPlan, top: int = 16) -> dict[str, Any]:

@@ -47,7 +47,7 @@ from flexlora.core.safe_load import load_json
 from flexlora.core.validation import UpdateLimits
 from flexlora.data import open_source
 from flexlora.data.splits import seeded_rng, split_clients, split_validation
-from flexlora.federation import Federation, FederationPlan
+from flexlora.federation import AggregationStage, Federation, FederationPlan, Stage
 from flexlora.precision import resolve_precision
 from flexlora.tracking import tracked
 
@@ -58,6 +58,7 @@ __all__ = [
     "environment",
     "build_aggregator",
     "make_plan",
+    "stages_for",
     "write_outputs",
     "check_run",
     "is_run_dir",
@@ -182,6 +183,25 @@ def _engine(cfg: RunConfig, host, tokenizer, source, progress: bool):
     return getattr(importlib.import_module(module), factory)(cfg, host, tokenizer, source, progress)
 
 
+#: stage name -> ``"module:builder"``, a builder taking ``(cfg, host, tokenizer, source, plan, progress)`` and
+#: returning a :class:`flexlora.federation.Stage` (imported when a run asks for it, like the engines).
+_STAGE_BUILDERS = {"slora-sparse": "flexlora.slora:build_sparse_stage"}
+
+
+def stages_for(
+    cfg: RunConfig, host, tokenizer, source, plan: FederationPlan, progress: bool
+) -> tuple[Stage, ...]:
+    """The federation's schedule: the method's own extra stages, in order, then its aggregation rounds."""
+    # registry: Method.client.stages
+    names = ("slora-sparse",) if cfg.federation.method in SLORA_METHODS else ()
+    stages = []
+    for name in names:
+        module, builder = _STAGE_BUILDERS[name].split(":")
+        build = getattr(importlib.import_module(module), builder)
+        stages.append(build(cfg, host, tokenizer, source, plan, progress))
+    return (*stages, AggregationStage())
+
+
 def _rank_types(cfg: RunConfig, host, clients: list[str], resumed: Path | None) -> tuple[list, list[dict]]:
     """Each client's rank type from the distribution, or from its budget (with what the budget allowed; a
     resumed run keeps the types it started with, since a time estimate depends on the machine's speed)."""
@@ -268,24 +288,6 @@ def _execute(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool) -> Run
     (run_dir / "assignment.json").write_text(
         json.dumps(assignment_record(plan.rank_types, dict(zip(train_ids, notes, strict=True))), indent=1)
     )
-    sparse_stage = None
-    if cfg.federation.method in SLORA_METHODS:
-        from flexlora.slora import SparseStage
-
-        sparse_stage = SparseStage(
-            host.model,
-            tokenizer,
-            source,
-            cfg.train,
-            {c: plan.ranks(c) for c in plan.pool},
-            plan.per_module_ranks(max),
-            cfg.federation.slora_rounds,
-            seed=cfg.federation.seed,
-            density=cfg.federation.slora_density,
-            lr=cfg.federation.slora_lr,
-            progress=progress,
-        )
-        log.info("SLoRA stage 1: %s", sparse_stage.hyperparameters())
     federation = Federation(
         plan,
         aggregator,
@@ -294,7 +296,7 @@ def _execute(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool) -> Run
         run_dir,
         cfg.to_dict(),
         progress=progress,
-        sparse_stage=sparse_stage,
+        schedule=stages_for(cfg, host, tokenizer, source, plan, progress),
         final_evaluate=final_evaluate if cfg.eval.generate_final_only else None,
         limits=UpdateLimits(cfg.security.max_examples, cfg.security.norm_bound),
         round_retries=cfg.security.round_retries,

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -38,11 +39,13 @@ from torch import nn
 from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
+from flexlora.checkpoint import ServerState
 from flexlora.contracts import TrainFailure, TrainResult
 from flexlora.core.aggregators.base import GlobalState
 from flexlora.core.errors import AggregationError
 from flexlora.core.lora import LowRank
 from flexlora.data.examples import ClientData
+from flexlora.federation import Federation, FederationPlan, RoundTally, derive_seed
 from flexlora.models import model_device
 from flexlora.training import TrainConfig, optimise
 
@@ -50,6 +53,7 @@ __all__ = [
     "SparseDelta",
     "SparseStage",
     "SparseUpdate",
+    "build_sparse_stage",
     "dense_state",
     "mask_density",
     "run_sparse_job",
@@ -59,6 +63,9 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+#: the stage's name in a method's recipe and in each of its rounds' metrics (``stage``)
+STAGE_NAME = "slora-sparse"
 
 
 # ---------------------------------------------------------------------------------------------- masks
@@ -203,7 +210,8 @@ def truncate_state(state: GlobalState, ranks: Mapping[str, int]) -> tuple[Global
 
 
 class SparseStage:
-    """SLoRA's stage 1, plugged into :class:`flexlora.federation.Federation` for rounds ``1 ... rounds``.
+    """SLoRA's stage 1: the first stage of a :class:`flexlora.federation.Federation`'s schedule (a
+    :class:`flexlora.federation.Stage`), for rounds ``1 ... rounds``.
 
     Args:
         model: the base model (bare: no LoRA adapter installed while the stage trains).
@@ -220,7 +228,8 @@ class SparseStage:
 
     Example:
         >>> stage = SparseStage(model, tok, source, TrainConfig(), ranks, keep, rounds=2)  # doctest: +SKIP
-        >>> Federation(plan, FedAvg(), engine, evaluate, run_dir, config, sparse_stage=stage)  # doctest: +SKIP
+        >>> schedule = (stage, AggregationStage())  # doctest: +SKIP
+        >>> Federation(plan, FedAvg(), engine, evaluate, run_dir, config, schedule=schedule)  # doctest: +SKIP
     """
 
     def __init__(
@@ -259,8 +268,6 @@ class SparseStage:
         self, state: GlobalState, round_: int, clients: Sequence[str]
     ) -> list[TrainResult | TrainFailure]:
         """Each client of the round trains its masked entries on ``W + G``; failures are reported, not raised."""
-        from flexlora.federation import derive_seed
-
         offsets = {name: lr.delta() for name, lr in state.modules.items()}  # dense G (d, k), shared
         outcomes: list[TrainResult | TrainFailure] = []
         for cid in tqdm(
@@ -312,3 +319,53 @@ class SparseStage:
         moved = (self._sent, self._received)
         self._sent = self._received = 0
         return moved
+
+    # ------------------------------------------------------------------ the round loop's Stage protocol
+    def run_round(
+        self, federation: Federation, state: ServerState, round_: int, clients: list[str], tally: RoundTally
+    ) -> GlobalState | None:
+        """:meth:`train` the clients, then :meth:`aggregate` their sparse deltas if at least
+        ``federation.plan.min_clients`` came back (``None`` otherwise); ``tally`` keeps the results with their
+        deltas dropped."""
+        t = time.perf_counter()
+        outcomes = self.train(state.global_state, round_, clients)
+        results = [o for o in outcomes if isinstance(o, TrainResult)]
+        tally.failures.update({o.client_id: o.reason for o in outcomes if isinstance(o, TrainFailure)})
+        tally.results = [
+            TrainResult(SparseUpdate({}, r.update.num_examples, r.update.client_id), r.metrics)
+            for r in results
+        ]
+        t1 = time.perf_counter()
+        tally.train += t1 - t
+        if len(results) < federation.plan.min_clients:
+            return None
+        new_global = self.aggregate([r.update for r in results], state.global_state, round_)
+        tally.aggregate += time.perf_counter() - t1
+        return new_global
+
+    def round_metrics(self, federation: Federation, round_: int) -> dict[str, object]:
+        """``stage: "slora-sparse"`` and the bytes moved (no privacy: sparse rounds are not DP-accounted)."""
+        sent, received = self.bytes_moved()
+        return {"stage": STAGE_NAME, "bytes": {"sent": sent, "received": received}}
+
+
+def build_sparse_stage(cfg, host, tokenizer, source, plan: FederationPlan, progress: bool) -> SparseStage:
+    """The sparse stage of a run config (``federation.slora_rounds``, ``slora_density``, ``slora_lr``, the
+    ``train`` section): each pool client's mask density follows its ranks, and the state is cut to the pool's
+    widest rank per module when the stage ends."""
+    fed = cfg.federation
+    stage = SparseStage(
+        host.model,
+        tokenizer,
+        source,
+        cfg.train,
+        {c: plan.ranks(c) for c in plan.pool},
+        plan.per_module_ranks(max),
+        fed.slora_rounds,
+        seed=fed.seed,
+        density=fed.slora_density,
+        lr=fed.slora_lr,
+        progress=progress,
+    )
+    log.info("SLoRA stage 1: %s", stage.hyperparameters())
+    return stage

@@ -19,6 +19,7 @@ from flexlora.budget import assignment_record
 from flexlora.config import RunConfig
 from flexlora.core.validation import UpdateLimits
 from flexlora.engines.flower.engine import FlowerEngine
+from flexlora.engines.flower.settings import check_on_flower
 from flexlora.federation import Federation
 from flexlora.run import build_aggregator, make_plan, write_outputs
 from flexlora.tracking import tracked
@@ -66,12 +67,15 @@ def run_deployment(cfg: RunConfig, engine: FlowerEngine) -> Path:
         The run directory.
 
     Raises:
+        flexlora.config.ConfigError: the config asks for what Flower does not carry (SLoRA's sparse stage,
+            say), before anything is written.
         ValueError: a node declared no client id or rank, or two declared the same client.
         flexlora.core.errors.AggregationError: a round got fewer than ``federation.min_clients`` updates.
     """
     from flexlora.lora_host import LoraHost
     from flexlora.models import load_model
 
+    check_on_flower(cfg)
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

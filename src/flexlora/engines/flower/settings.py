@@ -21,6 +21,7 @@ from flexlora.training import TrainConfig
 __all__ = [
     "FLOWER_DEFAULTS",
     "FlowerOptions",
+    "check_on_flower",
     "client_settings",
     "parse_client_settings",
     "run_config_from_flower",
@@ -45,6 +46,9 @@ FLOWER_DEFAULTS: dict[str, Any] = {
     "min-nodes": 1,
     "wait-timeout": 300.0,
 }
+
+#: the last override of every config run on Flower: validated with the engine it runs on, at either placement
+ON_FLOWER = "federation.engine=flower"
 
 # Flower key -> dotted key of our config
 _MAPPED = {
@@ -79,7 +83,8 @@ class FlowerOptions:
 
 
 def run_config_from_flower(run_config: Mapping[str, Any]) -> tuple[RunConfig, FlowerOptions]:
-    """Build and validate our config from a Flower run config (missing keys take :data:`FLOWER_DEFAULTS`).
+    """Build and validate our config from a Flower run config (missing keys take :data:`FLOWER_DEFAULTS`), once
+    the engine (Flower, whatever ``set`` says) and the placement are known.
 
     Raises:
         ConfigError: listing every bad key, named as in our config (``federation.rounds: ...``), or an
@@ -91,22 +96,31 @@ def run_config_from_flower(run_config: Mapping[str, Any]) -> tuple[RunConfig, Fl
             f"unknown run-config key(s) {unknown}: use one of {sorted(FLOWER_DEFAULTS)} or 'set'"
         )
     raw = {**FLOWER_DEFAULTS, **run_config}
+    placement = str(raw["placement"])
+    if placement not in ("simulation", "deployment"):
+        raise ConfigError(f"placement: {placement!r} is not one of ['deployment', 'simulation']")
     overrides = []
     for key, dotted in _MAPPED.items():
         value = raw[key]
         if key == "distribution" and isinstance(value, str) and "," in value:
             value = [v.strip() for v in value.split(",") if v.strip()]
         overrides.append(f"{dotted}={json.dumps(value)}")
-    overrides += shlex.split(str(raw["set"]))
+    overrides += [*shlex.split(str(raw["set"])), ON_FLOWER]
     cfg = load_config(str(raw["config-file"]) or None, overrides)
-    cfg.federation.engine = "flower"
-    placement = str(raw["placement"])
-    if placement not in ("simulation", "deployment"):
-        raise ConfigError(f"placement: {placement!r} is not one of ['deployment', 'simulation']")
     options = FlowerOptions(
         placement, float(raw["round-timeout"]), int(raw["min-nodes"]), float(raw["wait-timeout"])
     )
     return cfg, options
+
+
+def check_on_flower(cfg: RunConfig) -> None:
+    """Validate ``cfg`` as a run on Flower (``federation.engine=flower``, whatever it says), so what only the
+    local engine carries (SLoRA's sparse stage, HetLoRA-Cho's client regulariser) is refused before a run starts.
+
+    Raises:
+        ConfigError: naming every key Flower cannot run as configured.
+    """
+    load_config(raw=cfg.to_dict(), overrides=[ON_FLOWER])
 
 
 def client_settings(cfg: RunConfig) -> dict[str, Any]:
