@@ -10,7 +10,8 @@ from flexlora.contracts import TrainResult
 from flexlora.core.aggregators import GlobalState
 from flexlora.core.lora import LoraUpdate, LowRank
 from flexlora.federation import AggregationStage
-from test_validation import SHAPES, FakeEngine, make_federation, make_plan
+from helpers.round_loop import FakeEngine, make_federation, make_plan
+from helpers.updates import SHAPES
 
 
 class Warmup:
