@@ -11,7 +11,6 @@ import torch
 
 from flexlora.checkpoint import load_checkpoint
 from flexlora.contracts import TrainFailure, TrainJob, TrainResult
-from flexlora.core.aggregators import make_aggregator
 from flexlora.core.errors import AggregationError
 from flexlora.core.lora import LoraFactors, LoraUpdate
 from flexlora.core.ranks import parse_rank_type
@@ -23,6 +22,7 @@ from flexlora.core.validation import (
     update_norm,
 )
 from flexlora.federation import Federation, FederationPlan
+from flexlora.methods import METHODS, make_aggregator
 
 SHAPES = {"layers.0.q_proj": (8, 6), "layers.0.v_proj": (4, 6), "layers.0.up_proj": (10, 6)}
 RANKS = {"layers.0.q_proj": 2, "layers.0.v_proj": 2, "layers.0.up_proj": 3}
@@ -216,7 +216,15 @@ def make_plan(pool=8, per_round=4, min_clients=2, rounds=2, types=("r2", "r3")) 
 
 def make_federation(tmp_path, plan, engine, method="flexlora", **kwargs) -> Federation:
     return Federation(
-        plan, make_aggregator(method), engine, lambda f: {"loss": 0.0}, tmp_path, {}, progress=False, **kwargs
+        plan,
+        make_aggregator(method),
+        engine,
+        lambda f: {"loss": 0.0},
+        tmp_path,
+        {},
+        progress=False,
+        recipe=METHODS[method].client,
+        **kwargs,
     )
 
 
