@@ -199,9 +199,7 @@ class FlexLoRAStrategy(Strategy):
             alpha=self.alpha,
             use_rslora=self.use_rslora,
         )
-        federation = Federation(
-            plan, self.aggregator, None, None, ".", {}, progress=False, recipe=self.recipe
-        )  # type: ignore[arg-type]
+        federation = Federation(plan, self.aggregator, None, None, ".", {}, recipe=self.recipe)  # type: ignore[arg-type]
         jobs = federation.jobs(ServerState(server_round - 1, state, {}), server_round, labels)
         messages, sent = [], {}
         for node, job in zip(nodes, jobs, strict=True):
