@@ -1,6 +1,7 @@
 """Every aggregator in the registry, and each method's own math.
 
-The registry suite is parametrized over ``AGGREGATORS``: a new aggregator joins it by being registered. Its
+The registry suite is parametrized over ``AGGREGATORS``, the distinct aggregators of the method registry
+(:mod:`flexlora.methods`): a new aggregator joins it by being registered. Its
 inputs are client updates whose ``A`` factors are prefixes of one shared ``A`` (so FFA-LoRA accepts them) and
 whose ranks differ (one shared rank for the methods in ``HOMOGENEOUS``).
 """
@@ -12,7 +13,7 @@ import math
 import pytest
 import torch
 
-from flexlora.core.aggregators import AGGREGATORS, GlobalState, make_aggregator
+from flexlora.core.aggregators import GlobalState
 from flexlora.core.aggregators.base import client_weights
 from flexlora.core.aggregators.fedavg import FedAvg
 from flexlora.core.aggregators.ffa import FFALoRA
@@ -20,7 +21,9 @@ from flexlora.core.aggregators.flora import FLoRA
 from flexlora.core.aggregators.hetlora import HetLoRA, product_norm
 from flexlora.core.errors import AggregationError
 from flexlora.core.lora import LoraFactors, LoraUpdate
+from flexlora.methods import METHODS, make_aggregator
 
+AGGREGATORS = {cls.name: cls for cls in (m.aggregator_class() for m in METHODS.values())}
 HOMOGENEOUS = {"fedavg"}  # methods that refuse mixed ranks by design
 SHAPES = {"model.layers.0.self_attn.q_proj": (12, 10), "model.layers.0.mlp.down_proj": (10, 16)}
 Q, DOWN = SHAPES
@@ -92,9 +95,10 @@ def test_aggregate_then_payload_round_trips_shapes(method):
         assert set(payload) == set(ranks)
         for name, f in payload.items():
             assert f.shape == SHAPES[name]
-            want = state.modules[name].rank if agg.fresh_adapter_each_round else ranks[name]
+            fresh = METHODS[method].client.fresh_adapter
+            want = state.modules[name].rank if fresh else ranks[name]
             assert f.A.shape[0] == f.B.shape[1] == want
-            if agg.fresh_adapter_each_round:  # the whole state travels: exact
+            if fresh:  # the whole state travels: exact
                 assert rel(f.delta(), state.modules[name].delta()) < 1e-6
 
     # payloads are valid client updates for the next round

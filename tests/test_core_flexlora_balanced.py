@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from flexlora.core.aggregators import make_aggregator
 from flexlora.core.aggregators.base import GlobalState
 from flexlora.core.aggregators.flexlora_balanced import FEDIT_A_ROW_NORM, sqrt_split
 from flexlora.core.lora import LoraFactors, LoraUpdate
+from flexlora.methods import make_aggregator
 
 SHAPES = {"q_proj": (12, 10), "down_proj": (10, 16)}
 

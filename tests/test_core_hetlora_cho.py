@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from flexlora.contracts import TrainJob
-from flexlora.core.aggregators import make_aggregator
 from flexlora.core.aggregators.hetlora_cho import TailPenalty
 from flexlora.core.lora import LoraFactors, LoraUpdate
 from flexlora.data.examples import ClientData, ClientInfo, Example
 from flexlora.lora_host import LoraHost
+from flexlora.methods import make_aggregator
 from flexlora.models import ALL_PROJECTIONS
 from flexlora.training import TrainConfig, run_train_job
 

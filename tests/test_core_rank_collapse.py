@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flexlora.core.aggregators import make_aggregator
 from flexlora.core.aggregators.flexlora import FlexLoRA
 from flexlora.core.aggregators.flora import FLoRA
 from flexlora.core.aggregators.florist import FLoRIST, energy_rank
 from flexlora.core.aggregators.raflora import RaFLoRA, partition_weights
 from flexlora.core.lora import LoraFactors, LoraUpdate
+from flexlora.methods import METHODS, make_aggregator
 
 D, K = 12, 10
 
@@ -129,7 +129,9 @@ def test_florist_under_dp_thresholds_the_noised_mean_as_post_processing():
     updates = [client(r, n, s) for s, (r, n) in enumerate([(2, 3), (4, 1), (3, 2)])]
 
     def private(inner):
-        agg = PrivateAggregator(inner, clip_norm=1.0, noise_multiplier=0.5, expected_clients=3, population=10)
+        agg = PrivateAggregator(
+            inner, clip_norm=1.0, noise_multiplier=0.5, expected_clients=3, population=10, space="product"
+        )
         agg.start_round(1)
         return agg.aggregate(updates)
 
@@ -142,6 +144,6 @@ def test_robust_median_takes_the_product_space_consensus(method):
     from flexlora.core.robust import RobustAggregator
 
     updates = [client(r, n, s) for s, (r, n) in enumerate([(2, 3), (4, 1), (3, 2)])]
-    agg = RobustAggregator(make_aggregator(method), "median")
+    agg = RobustAggregator(make_aggregator(method), "median", space=METHODS[method].space)
     assert agg.space == "product"
     assert torch.isfinite(delta(agg.aggregate(updates))).all()

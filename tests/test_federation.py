@@ -153,7 +153,10 @@ def test_bad_config_names_the_key(tmp_path, override, message):
     ("overrides", "message"),
     [
         (["federation.method=hetlora-cho", "federation.hetlora_gamma=1.0"], "hetlora_\\*: gamma must lie"),
-        (["federation.method=hetlora-cho", "federation.engine=flower"], "hetlora-cho's client regulariser"),
+        (
+            ["federation.method=hetlora-cho", "federation.engine=flower"],
+            "hetlora-cho runs on the local engine only",
+        ),
         (["data.eval_on=validation"], "data.eval_on: 'validation' needs data.num_validation"),
         (["data.eval_on=test"], "data.eval_on: 'test' is not one of"),
     ],

@@ -86,7 +86,7 @@ def test_slora_is_refused_on_flower_at_either_placement_naming_the_key(placement
     for extra in ({}, {"set": "federation.engine=local"}):
         with pytest.raises(ConfigError, match=LOCAL_ONLY.format(re.escape(method))):
             run_config_from_flower({"method": method, "placement": placement, **extra})
-    with pytest.raises(ConfigError, match="hetlora-cho's client regulariser"):
+    with pytest.raises(ConfigError, match="hetlora-cho runs on the local engine only .its client regulariser"):
         run_config_from_flower({"method": "hetlora-cho", "distribution": "uniform", "placement": placement})
 
 

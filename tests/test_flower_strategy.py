@@ -8,10 +8,11 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, RecordDict
 
-from flexlora.core.aggregators import GlobalState, make_aggregator
+from flexlora.core.aggregators import GlobalState
 from flexlora.core.ranks import module_ranks
 from flexlora.engines.flower import FlexLoRAStrategy
 from flexlora.engines.flower.records import job_from_content, state_from_arrays, update_from_reply
+from flexlora.methods import make_aggregator
 from helpers.flower_fakes import FakeGrid, trainer
 
 SHAPES = {"layers.0.self_attn.q_proj": (12, 10), "layers.0.mlp.up_proj": (16, 10)}

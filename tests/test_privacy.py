@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from flexlora.config import ConfigError, load_config
-from flexlora.core.aggregators import make_aggregator
 from flexlora.core.lora import LoraFactors, LoraUpdate
 from flexlora.core.privacy import PrivateAggregator, accountant_available, privacy_spent
 from flexlora.core.validation import update_norm
+from flexlora.methods import METHODS, make_aggregator
 from helpers.round_loop import FakeEngine, make_federation, make_plan
 
 needs_accountant = pytest.mark.skipif(not accountant_available(), reason="dp-accounting not installed")
@@ -33,7 +33,8 @@ def client(seed, r=2, scale=1.0, A=None) -> LoraUpdate:
 
 
 def dp(method="flexlora", sigma=1.0, clip=1.0, m=4, **kw) -> PrivateAggregator:
-    return PrivateAggregator(make_aggregator(method), clip, sigma, expected_clients=m, population=20, **kw)
+    inner, space = make_aggregator(method), kw.pop("space", METHODS[method].space)
+    return PrivateAggregator(inner, clip, sigma, expected_clients=m, population=20, space=space, **kw)
 
 
 def test_without_noise_it_is_the_clipped_fixed_denominator_mean():
@@ -102,11 +103,9 @@ def test_epsilon_grows_with_rounds_shrinks_with_noise_and_respects_the_classic_b
     assert report["delta"] == 1e-5 and report["releases"] == 5
 
 
-def test_refuses_methods_and_parameters_it_cannot_make_private():
-    for method in ("fedavg", "hetlora"):
-        with pytest.raises(ValueError, match="differential privacy supports"):
-            dp(method)
-    for kwargs in (dict(clip=0.0), dict(sigma=-1.0), dict(m=0), dict(m=21), dict(delta=1.0)):
+def test_refuses_parameters_it_cannot_make_private():
+    # which methods are refused is the registry's (Method.dp), checked by config validation
+    for kwargs in (dict(clip=0.0), dict(sigma=-1.0), dict(m=0), dict(m=21), dict(delta=1.0), dict(space="x")):
         with pytest.raises(ValueError):
             dp(**kwargs)
 
@@ -114,7 +113,9 @@ def test_refuses_methods_and_parameters_it_cannot_make_private():
 @needs_accountant
 def test_federation_reports_the_budget_every_round(tmp_path):
     plan = make_plan(pool=8, per_round=4, min_clients=1, rounds=3)
-    agg = PrivateAggregator(make_aggregator("flexlora"), 5.0, 1.0, expected_clients=4, population=8)
+    agg = PrivateAggregator(
+        make_aggregator("flexlora"), 5.0, 1.0, expected_clients=4, population=8, space="product"
+    )
     fed = make_federation(tmp_path, plan, FakeEngine(), method="flexlora")
     fed.aggregator = agg
     state = fed.run()

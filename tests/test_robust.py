@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flexlora.core.aggregators import AGGREGATORS, make_aggregator
 from flexlora.core.lora import LoraFactors, LoraUpdate
 from flexlora.core.robust import (
     RobustAggregator,
@@ -16,6 +15,9 @@ from flexlora.core.robust import (
     robust_mean,
 )
 from flexlora.core.validation import update_norm
+from flexlora.methods import METHODS, make_aggregator
+
+AGGREGATORS = {cls.name: cls for cls in (m.aggregator_class() for m in METHODS.values())}
 
 SHAPES = {"q": (12, 10), "v": (6, 10)}
 
@@ -84,7 +86,9 @@ def test_product_median_ignores_a_hostile_minority():
     ]
     hostile = [client(100 + i, 4, scale=1000.0) for i in range(3)]
     plain = make_aggregator("flexlora").aggregate(honest + hostile)
-    robust = RobustAggregator(make_aggregator("flexlora"), "median").aggregate(honest + hostile)
+    robust = RobustAggregator(make_aggregator("flexlora"), "median", space="product").aggregate(
+        honest + hostile
+    )
     target = make_aggregator("flexlora").aggregate(honest)
     for name in SHAPES:
         err_plain = (dense(plain, name) - dense(target, name)).norm()
@@ -112,7 +116,8 @@ def test_every_aggregator_takes_every_rule(method, rule):
     ups = [client(i, r, A=A if method == "ffa" else None) for i, r in enumerate(ranks)]
     ups.append(client(99, 4, scale=1e4, A=A if method == "ffa" else None))  # one hostile client
     inner = make_aggregator(method)
-    agg = RobustAggregator(inner, rule, clip_norm=5.0 if rule == "clip" else None, trim=0.4)
+    space = METHODS[method].space
+    agg = RobustAggregator(inner, rule, clip_norm=5.0 if rule == "clip" else None, trim=0.4, space=space)
     state = agg.aggregate(ups)
     assert state.method == method and agg.name == method and repr(agg).startswith("RobustAggregator(")
     plain = inner.aggregate(ups)
@@ -125,9 +130,16 @@ def test_every_aggregator_takes_every_rule(method, rule):
 
 def test_constructor_refuses_bad_parameters():
     inner = make_aggregator("flexlora")
-    for kwargs in (dict(rule="mode"), dict(trim=0.5), dict(clip_norm=0.0), dict(clip_norm=float("nan"))):
+    bad = (
+        dict(rule="mode"),
+        dict(trim=0.5),
+        dict(clip_norm=0.0),
+        dict(clip_norm=float("nan")),
+        dict(space="x"),
+    )
+    for kwargs in bad:
         with pytest.raises(ValueError):
-            RobustAggregator(inner, **kwargs)
+            RobustAggregator(inner, **{"space": "product", **kwargs})
 
 
 def test_tiny_federation_with_hostile_clients_robust_median_and_retries(tmp_path, monkeypatch):

@@ -7,10 +7,11 @@ import torch
 
 from flexlora.cli import main
 from flexlora.config import ConfigError, load_config
-from flexlora.core.aggregators import GlobalState, make_aggregator
+from flexlora.core.aggregators import GlobalState
 from flexlora.core.aggregators.base import leading_factors
 from flexlora.core.ranks import parse_rank_type
 from flexlora.federation import Federation, FederationPlan
+from flexlora.methods import METHODS, make_aggregator
 
 SHAPES = {"layers.0.q_proj": (8, 6), "layers.0.v_proj": (8, 6)}
 
@@ -30,7 +31,10 @@ def _plan(types=("r2", "r4"), per_round=2, seed=7) -> FederationPlan:
 
 
 def _federation(tmp_path, plan, method) -> Federation:
-    return Federation(plan, make_aggregator(method), None, lambda f: {}, tmp_path, {}, progress=False)
+    recipe = METHODS[method].client
+    return Federation(
+        plan, make_aggregator(method), None, lambda f: {}, tmp_path, {}, progress=False, recipe=recipe
+    )
 
 
 def _rank1_state(seed: int) -> GlobalState:

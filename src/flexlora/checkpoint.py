@@ -1,7 +1,9 @@
 """Server checkpoints: everything a round needs, as safetensors + JSON, written atomically.
 
 ``RUN_DIR/checkpoint/`` holds ``global.safetensors`` (the global state's factors), ``server.json``
-(completed round, method, metrics so far, rank assignment, resolved config) and ``manifest.json`` (the size
+(completed round, the method and the aggregator whose state it holds, e.g. ``fedit`` and ``fedavg``, metrics
+so far, rank assignment, resolved config; a checkpoint from before ``state`` was recorded names the
+aggregator as its method) and ``manifest.json`` (the size
 and sha256 of both). A load checks the checkpoint whole before anything else happens: the manifest against
 the files, ``server.json``'s fields and sizes, the round against the config's ``federation.rounds``, the
 method against the config's, every module against ``model.target_modules`` and its factors' shapes; the
@@ -37,6 +39,7 @@ from flexlora.core.aggregators import GlobalState
 from flexlora.core.errors import AdapterError, AggregationError
 from flexlora.core.safe_load import LoadError, load_json
 from flexlora.core.safetensors_io import read_safetensors, write_safetensors
+from flexlora.methods import METHODS
 
 __all__ = [
     "ServerState",
@@ -51,8 +54,6 @@ CHECKPOINT_DIR = "checkpoint"
 MANIFEST = "manifest.json"
 FILES = ("global.safetensors", "server.json")
 MAX_SERVER_JSON_BYTES = 256 * 2**20
-#: the aggregator (``GlobalState.method``) each configured method checkpoints
-STATE_METHOD = {"fedit": "fedavg", "slora": "fedavg", "slora+flexlora": "flexlora"}
 
 
 @dataclass
@@ -70,9 +71,12 @@ def save_checkpoint(run_dir: str | os.PathLike, state: ServerState, config: dict
     target = Path(run_dir) / CHECKPOINT_DIR
     with atomic_directory(target) as tmp:
         write_safetensors(tmp / "global.safetensors", state.global_state.to_tensors())
+        fed = config.get("federation")
+        method = fed.get("method") if isinstance(fed, dict) else None
         server = {
             "round": state.round,
-            "method": state.global_state.method,
+            "method": method if isinstance(method, str) else state.global_state.method,
+            "state": state.global_state.method,
             "assignment": state.assignment,
             "metrics": state.metrics,
             "config": config,
@@ -178,9 +182,11 @@ def load_checkpoint(run_dir: str | os.PathLike) -> tuple[ServerState, dict[str, 
             raise AdapterError(
                 f"{source / 'server.json'}: field {key!r} must be a {kind.__name__} (round >= 0)"
             )
+    if not isinstance(server.setdefault("state", server["method"]), str):
+        raise AdapterError(f"{source / 'server.json'}: field 'state' must be a str")
     tensors = read_safetensors(source / "global.safetensors")
     try:
-        global_state = GlobalState.from_tensors(tensors, server["method"])
+        global_state = GlobalState.from_tensors(tensors, server["state"])
     except AggregationError as exc:
         raise AdapterError(f"{source / 'global.safetensors'}: {exc}") from None
     for name, lr in global_state.modules.items():
@@ -197,15 +203,21 @@ def load_checkpoint(run_dir: str | os.PathLike) -> tuple[ServerState, dict[str, 
 
 
 def _check_config(server: dict[str, Any], state: GlobalState, source: Path) -> None:
-    """The checkpoint agrees with the config saved in it: round, method and module names. A config too
-    malformed to compare is left to the config loader, which names its bad keys."""
+    """The checkpoint agrees with the config saved in it: round, method (and the aggregator state that method
+    keeps, :mod:`flexlora.methods`) and module names. A config too malformed to compare is left to the config
+    loader, which names its bad keys."""
     fed, model = server["config"].get("federation"), server["config"].get("model")
     where = source / "server.json"
     if isinstance(fed, dict) and isinstance(fed.get("rounds"), int) and server["round"] > fed["rounds"]:
         raise AdapterError(f"{where}: round {server['round']} is beyond the config's {fed['rounds']} rounds")
     method = fed.get("method") if isinstance(fed, dict) else None
-    if isinstance(method, str) and STATE_METHOD.get(method, method) != server["method"]:
-        raise AdapterError(f"{where}: method {server['method']!r} does not match the config's {method!r}")
+    if isinstance(method, str):
+        kept = METHODS[method].aggregator_class().name if method in METHODS else method
+        if server["method"] not in (method, kept) or server["state"] != kept:
+            raise AdapterError(
+                f"{where}: method {server['method']!r} (state {server['state']!r}) does not match the "
+                f"config's {method!r}"
+            )
     targets = model.get("target_modules") if isinstance(model, dict) else None
     if isinstance(targets, list) and all(isinstance(t, str) for t in targets):
         stray = [n for n in state.modules if n.rsplit(".", 1)[-1] not in targets]

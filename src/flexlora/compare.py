@@ -49,15 +49,14 @@ import yaml
 from flexlora.config import ConfigError, RunConfig, load_config
 from flexlora.core.ranks import DISTRIBUTIONS, RANK_TYPES, parse_rank_type
 from flexlora.core.safe_load import load_yaml_file
+from flexlora.methods import METHODS, method_names
 from flexlora.tracking import for_comparison
 
 __all__ = [
     "Cell",
     "Comparison",
     "DEFAULT_DISTRIBUTIONS",
-    "DEFAULT_METHODS",
-    "HETEROGENEOUS",
-    "HOMOGENEOUS",
+    "default_methods",
     "cell_state",
     "load_comparison",
     "load_comparisons",
@@ -69,20 +68,16 @@ __all__ = [
 
 log = logging.getLogger("flexlora")
 
-PAPER_HETEROGENEOUS = ("flexlora", "hetlora", "flora", "ffa", "slora+flexlora")
-#: FlexLoRA's factor-balance controls (:mod:`flexlora.core.aggregators.flexlora_balanced`)
-BALANCE_CONTROLS = ("flexlora-initnorm", "flexlora-sqrt")
-#: later answers to rank collapse: run when listed, not by default
-RANK_COLLAPSE = ("raflora", "florist")
-#: HetLoRA as Cho et al. define it (:mod:`flexlora.core.aggregators.hetlora_cho`); ``hetlora`` is the FlexLoRA
-#: authors' zero-padding variant
-HETEROGENEOUS = (*PAPER_HETEROGENEOUS, "hetlora-cho", *BALANCE_CONTROLS, *RANK_COLLAPSE)
-HOMOGENEOUS = ("fedavg", "fedit", "slora")
-AGGREGATOR_LIKE = (*HETEROGENEOUS, *HOMOGENEOUS)
-HOMO_CONTROLS = ("flexlora", *BALANCE_CONTROLS)  # heterogeneous methods also run under `homo` when listed
-DEFAULT_METHODS = (*PAPER_HETEROGENEOUS, *HOMOGENEOUS, "fedavg@max", "fedit@max", "slora@max")
 DEFAULT_DISTRIBUTIONS = ("homo", "uniform", "heavy-tail-strong")
 LARGEST = max(RANK_TYPES.values(), key=lambda t: (t.attn + t.mlp, t.name)).name  # r200
+
+
+def default_methods() -> list[str]:
+    """The grid's methods by default (:mod:`flexlora.methods`): the paper's heterogeneous methods, the
+    homogeneous baselines, and the baselines again at the largest rank (``fedit@max``); the other groups
+    (Cho's HetLoRA, the factor-balance controls, the rank-collapse answers) run when listed."""
+    baselines = method_names(lambda m: m.homogeneous_only)
+    return [*method_names(lambda m: m.group == "paper"), *baselines, *(f"{m}@max" for m in baselines)]
 
 
 @dataclass(frozen=True)
@@ -120,14 +115,13 @@ class Cell:
 
 def _parse_method(spec: str) -> tuple[str, str | None]:
     method, _, rank = spec.partition("@")
-    if method not in (*HETEROGENEOUS, *HOMOGENEOUS):
-        raise ValueError(
-            f"unknown method {method!r} in {spec!r}: use one of {[*HETEROGENEOUS, *HOMOGENEOUS]}"
-        )
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r} in {spec!r}: use one of {method_names()}")
     if not rank:
         return method, None
-    if method not in HOMOGENEOUS:
-        raise ValueError(f"{spec!r}: only homogeneous methods {list(HOMOGENEOUS)} take @RANK")
+    if not METHODS[method].homogeneous_only:
+        homogeneous = method_names(lambda m: m.homogeneous_only)
+        raise ValueError(f"{spec!r}: only homogeneous methods {homogeneous} take @RANK")
     return method, parse_rank_type(LARGEST if rank == "max" else rank).name
 
 
@@ -137,12 +131,7 @@ def _check_variants(variants: Mapping[str, Any]) -> dict[str, tuple[str, str | N
     for label, spec in variants.items():
         if not isinstance(spec, Mapping) or "method" not in spec or set(spec) - {"method", "set"}:
             raise ValueError(f"variant {label!r}: expected {{method: METHOD[@RANK], set: [key=value, ...]}}")
-        if (
-            not isinstance(label, str)
-            or not label
-            or any(c in label for c in "@/ ")
-            or label in AGGREGATOR_LIKE
-        ):
+        if not isinstance(label, str) or not label or any(c in label for c in "@/ ") or label in METHODS:
             raise ValueError(
                 f"variant {label!r}: a label needs no '@', '/' or space and must not be a method"
             )
@@ -154,14 +143,14 @@ def _check_variants(variants: Mapping[str, Any]) -> dict[str, tuple[str, str | N
 
 
 def plan_cells(
-    methods: Sequence[str] = DEFAULT_METHODS,
+    methods: Sequence[str] | None = None,
     distributions: Sequence[str] = DEFAULT_DISTRIBUTIONS,
     seeds: Sequence[int] = (0, 1, 2),
     method_overrides: Mapping[str, Sequence[str]] | None = None,
     order: str = "method",
     variants: Mapping[str, Any] | None = None,
 ) -> list[Cell]:
-    """The grid's cells (rules in the module doc), method-major (``order="method"``: all seeds of the first
+    """The grid's cells (rules in the module doc; ``methods``: :func:`default_methods` if ``None``), method-major (``order="method"``: all seeds of the first
     method first, so an interrupted grid still holds complete methods) or seed-major (``"seed"``).
 
     ``method_overrides`` maps a label (``fedit@r200``) or a method (``fedavg``, which also covers
@@ -180,14 +169,12 @@ def plan_cells(
     if order not in ("method", "seed"):
         raise ValueError(f"order must be 'method' or 'seed', got {order!r}")
     named = _check_variants(variants or {})
-    unknown = [
-        k for k in overrides if k not in named and _parse_method(k)[0] not in (*HETEROGENEOUS, *HOMOGENEOUS)
-    ]
+    unknown = [k for k in overrides if k not in named and _parse_method(k)[0] not in METHODS]
     if unknown:
         raise ValueError(f"method_overrides: unknown method {unknown[0]!r}")
     groups: list[list[Cell]] = []
     seen = set()
-    for spec in methods:
+    for spec in default_methods() if methods is None else methods:
         method, rank, own = named[spec] if spec in named else (*_parse_method(spec), ())
         label = spec if spec in named else f"{method}@{rank}" if rank else method
         if label in seen:
@@ -195,10 +182,10 @@ def plan_cells(
         seen.add(label)
         if rank:
             dists = [rank]
-        elif method in HOMOGENEOUS:
+        elif METHODS[method].homogeneous_only:
             dists = ["homo"]
         else:
-            dists = [d for d in distributions if d != "homo" or method in HOMO_CONTROLS]
+            dists = [d for d in distributions if d != "homo" or METHODS[method].homo_control]
         extra = overrides.get(method, ()) + own + (overrides.get(label, ()) if label != method else ())
         for dist in dists:
             groups.append([Cell(label, method, dist, s, extra) for s in seeds])
@@ -384,7 +371,7 @@ def load_comparisons(
         seeds = list(range(seeds))
     try:
         cells = plan_cells(
-            methods or section.get("methods", DEFAULT_METHODS),
+            methods or section.get("methods"),
             distributions or section.get("distributions", DEFAULT_DISTRIBUTIONS),
             list(seeds),
             section.get("method_overrides"),

@@ -15,15 +15,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flexlora.core.aggregators import AGGREGATORS
 from flexlora.core.aggregators.hetlora_cho import TailPenalty
 from flexlora.core.budget import Budget
-from flexlora.core.privacy import DP_METHODS, accountant_available
+from flexlora.core.privacy import accountant_available
 from flexlora.core.ranks import DISTRIBUTIONS, parse_rank_type
 from flexlora.core.robust import ROBUST_RULES
 from flexlora.core.safe_load import LoadError, load_yaml, load_yaml_file
 from flexlora.core.svd import SVD_ROUTES
 from flexlora.evaluation import EvalConfig
+from flexlora.methods import METHODS, method_names
 from flexlora.tracking import tracking_settings
 from flexlora.training import TrainConfig
 
@@ -37,9 +37,6 @@ __all__ = [
     "load_config",
 ]
 
-METHODS = (*AGGREGATORS, "fedit", "slora", "slora+flexlora")
-HOMOGENEOUS_ONLY = ("fedavg", "fedit", "slora")
-SLORA_METHODS = ("slora", "slora+flexlora")
 MAX_INT = 2**31 - 1  # any integer field (seeds, counts, steps)
 MAX_ROUNDS = 100_000
 ALPHA_RANGE = (1e-6, 1e6)  # LoRA scale alpha/r; beyond it the factors B = dW-part / scale over/underflow
@@ -238,7 +235,8 @@ def _hint_name(hint: Any) -> str:
 
 def _check(cfg: RunConfig, errors: list[str]) -> None:
     fed = cfg.federation
-    if fed.method not in METHODS:
+    method = METHODS.get(fed.method)
+    if method is None:
         errors.append(f"federation.method: {fed.method!r} is not one of {sorted(METHODS)}")
     if fed.svd not in SVD_ROUTES:
         errors.append(f"federation.svd: {fed.svd!r} is not one of {list(SVD_ROUTES)}")
@@ -257,7 +255,7 @@ def _check(cfg: RunConfig, errors: list[str]) -> None:
         except ValueError as exc:
             errors.append(f"federation.distribution: {exc}")
             homogeneous = True
-    if fed.method in HOMOGENEOUS_ONLY and not homogeneous:
+    if method is not None and method.homogeneous_only and not homogeneous:
         errors.append(
             f"federation.distribution: {fed.method} needs one rank for every client (use 'homo' or a one-type "
             f"list), got {fed.distribution!r}"
@@ -280,24 +278,8 @@ def _check(cfg: RunConfig, errors: list[str]) -> None:
             f"federation.clients_per_round: a fraction in (0, 1] written with a point (1.0: every client) "
             f"or a whole count (an integer >= 1), got {k!r}"
         )
-    if fed.method in SLORA_METHODS:
-        if not 1 <= fed.slora_rounds < fed.rounds:
-            errors.append(
-                f"federation.slora_rounds: {fed.method} needs 1 <= slora_rounds < rounds ({fed.rounds}), "
-                f"got {fed.slora_rounds}"
-            )
-        if fed.engine != "local":
-            errors.append(
-                f"federation.method: {fed.method} runs on the local engine only (its sparse first stage is not "
-                "carried by Flower); use federation.engine=local"
-            )
-    if fed.method == "hetlora-cho":
-        try:
-            TailPenalty(fed.hetlora_lambda, fed.hetlora_gamma, fed.hetlora_threshold)
-        except ValueError as exc:
-            errors.append(f"federation.hetlora_*: {exc}")
-        if fed.engine != "local":
-            errors.append("federation.engine: hetlora-cho's client regulariser runs on the local engine only")
+    if method is not None:
+        _check_recipe(cfg, method, errors)
     if fed.slora_density is not None and not 0 < fed.slora_density <= 1:
         errors.append(f"federation.slora_density: must be in (0, 1] or null, got {fed.slora_density}")
     if fed.slora_lr is not None and not fed.slora_lr > 0:
@@ -326,6 +308,36 @@ def _check(cfg: RunConfig, errors: list[str]) -> None:
         tracking_settings(cfg.tracking)
     except ValueError as exc:
         errors.append(str(exc))
+
+
+def _check_recipe(cfg: RunConfig, method, errors: list[str]) -> None:
+    """The registered method's needs (:mod:`flexlora.methods`): its engines, its stages' and its client
+    recipe's settings."""
+    fed = cfg.federation
+    if "slora-sparse" in method.client.stages and not 1 <= fed.slora_rounds < fed.rounds:
+        errors.append(
+            f"federation.slora_rounds: {fed.method} needs 1 <= slora_rounds < rounds ({fed.rounds}), "
+            f"got {fed.slora_rounds}"
+        )
+    if fed.engine in ("local", "flower") and fed.engine not in method.engines:
+        errors.append(
+            f"federation.method: {fed.method} runs on the {' or '.join(method.engines)} engine only "
+            f"({_not_carried(method)}); use federation.engine={method.engines[0]}"
+        )
+    if method.client.tail_penalty:
+        try:
+            TailPenalty(fed.hetlora_lambda, fed.hetlora_gamma, fed.hetlora_threshold)
+        except ValueError as exc:
+            errors.append(f"federation.hetlora_*: {exc}")
+
+
+def _not_carried(method) -> str:
+    """Why a method cannot leave the local engine: the part of its recipe Flower messages do not carry."""
+    if method.client.stages:
+        return f"its first stage ({', '.join(method.client.stages)}) is not carried by Flower"
+    if method.client.tail_penalty:
+        return "its client regulariser is not carried by Flower"
+    return "not supported by the other engines"
 
 
 def _check_run_dir(cfg: RunConfig, errors: list[str]) -> None:
@@ -380,9 +392,10 @@ def _check_security(cfg: RunConfig, errors: list[str]) -> None:
                 f"security.robust: {sec.robust!r} cannot be combined with differential privacy (the noise is "
                 "calibrated to a clipped mean); use robust: none"
             )
-        if method not in DP_METHODS:
+        if method in METHODS and not METHODS[method].dp:
             errors.append(
-                f"security.dp_noise_multiplier: {method} is not supported, use one of {list(DP_METHODS)}"
+                f"security.dp_noise_multiplier: {method} is not supported (its update is not linear in a "
+                f"clippable per-client contribution), use one of {method_names(lambda m: m.dp)}"
             )
         if not accountant_available():
             errors.append(

@@ -29,6 +29,7 @@ class TrainJob:
             otherwise).
         freeze_A: FFA-LoRA: train ``B`` only.
         tail_penalty: ``hetlora-cho``: the tail regulariser and self-pruning rule (``None`` otherwise).
+        optimizer: the local optimizer the method prescribes (FedIT: ``adamw``); ``None``: ``train.optimizer``.
     """
 
     client_id: str
@@ -38,6 +39,7 @@ class TrainJob:
     frozen: dict[str, LoraFactors] | None = None
     freeze_A: bool = False
     tail_penalty: TailPenalty | None = None
+    optimizer: str | None = None
 
 
 @dataclass

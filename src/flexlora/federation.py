@@ -28,11 +28,13 @@ from flexlora.checkpoint import ServerState, save_checkpoint
 from flexlora.contracts import Engine, TrainFailure, TrainJob, TrainResult, stream_outcomes
 from flexlora.core.aggregators import Aggregator, GlobalState
 from flexlora.core.aggregators.base import exact_factors, leading_factors
+from flexlora.core.aggregators.hetlora_cho import TailPenalty
 from flexlora.core.errors import AggregationError
 from flexlora.core.lora import LoraFactors, LoraUpdate
 from flexlora.core.privacy import PrivateAggregator
 from flexlora.core.ranks import RankType, module_ranks
 from flexlora.core.validation import UpdateLimits, UpdateRejected, check_update
+from flexlora.methods import ClientRecipe
 
 __all__ = ["AggregationStage", "Federation", "FederationPlan", "RoundTally", "Stage", "derive_seed"]
 
@@ -169,6 +171,9 @@ class Federation:
         round_retries: a round with fewer than ``plan.min_clients`` valid updates is retried this many times
             with a fresh sample before the run stops.
         on_round: called with each round's metrics (round 0 too) once checkpointed (e.g. a tracker).
+        recipe: the method's client recipe (:attr:`flexlora.methods.Method.client`), put into every job
+            (``None``: the plain recipe, as ``fedavg``'s).
+        tail_penalty: the recipe's tail penalty settings (``recipe.tail_penalty``: ``hetlora-cho``).
     """
 
     def __init__(
@@ -185,12 +190,16 @@ class Federation:
         limits: UpdateLimits | None = None,
         round_retries: int = 0,
         on_round: Callable[[dict[str, Any]], None] | None = None,
+        recipe: ClientRecipe | None = None,
+        tail_penalty: TailPenalty | None = None,
     ):
         self.plan, self.aggregator, self.engine, self.evaluate = plan, aggregator, engine, evaluate
         self.run_dir, self.config, self.progress = Path(run_dir), config, progress
         self.schedule, self.final_evaluate = tuple(schedule), final_evaluate
         self.limits, self.round_retries = limits or UpdateLimits(), round_retries
         self.on_round = on_round or (lambda metrics: None)
+        self.recipe = recipe or ClientRecipe()
+        self.tail_penalty = tail_penalty if self.recipe.tail_penalty else None
         covered = sum(math.inf if s.rounds is None else s.rounds for s in self.schedule)
         if covered < plan.rounds:
             raise ValueError(f"the schedule covers {covered} rounds, the plan has {plan.rounds}")
@@ -215,16 +224,16 @@ class Federation:
 
     # ---------------------------------------------------------------------------- one round
     def jobs(self, state: ServerState, round_: int, clients: list[str]) -> list[TrainJob]:
-        """Each client's payload at its own ranks. FLoRA-style methods start a fresh adapter on top of the
-        (frozen) global update; FFA-LoRA freezes ``A``."""
-        plan, agg = self.plan, self.aggregator
+        """Each client's payload at its own ranks, and the method's client recipe: FLoRA-style methods start
+        a fresh adapter on top of the (frozen) global update; FFA-LoRA freezes ``A``; FedIT trains with AdamW."""
+        plan, agg, recipe = self.plan, self.aggregator, self.recipe
         global_state = dataclasses.replace(
             state.global_state, seed=derive_seed(plan.seed, "complete", round_)
         )
         jobs = []
         for cid in clients:
             ranks = plan.ranks(cid)
-            if agg.fresh_adapter_each_round:
+            if recipe.fresh_adapter:
                 # round 1 starts from the shared initial A, like every other method
                 fresh_seed = plan.seed if round_ == 1 else derive_seed(plan.seed, "fresh", round_)
                 fresh = GlobalState.initial(plan.shapes, ranks, agg.name, fresh_seed)
@@ -240,8 +249,9 @@ class Federation:
                     seed=derive_seed(plan.seed, "train", round_, cid),
                     init=init,
                     frozen=frozen,
-                    freeze_A=getattr(agg, "freeze_A", False),
-                    tail_penalty=getattr(agg, "tail_penalty", None),
+                    freeze_A=recipe.freeze_A,
+                    tail_penalty=self.tail_penalty,
+                    optimizer=recipe.optimizer,
                 )
             )
         return jobs

@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from flexlora.methods import METHODS
 from flexlora.stats import mean_sd
 
 __all__ = [
@@ -75,7 +76,6 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-_BASELINES = ("fedavg", "fedit", "slora")  # homogeneous baselines: always at homo
 _FEW_LINES = 6  # up to this many lines per panel: SD bands and a legend on the panel itself
 
 
@@ -136,7 +136,8 @@ def _lines_by_label(
         if not rounds:
             continue
         other = dist is not None and run_dist != dist
-        name = f"{label} [{run_dist}]" if other and "@" not in label and label not in _BASELINES else label
+        homogeneous = label in METHODS and METHODS[label].homogeneous_only  # a baseline: always at homo
+        name = f"{label} [{run_dist}]" if other and "@" not in label and not homogeneous else label
         (line,) = ax.plot(
             rounds,
             means,

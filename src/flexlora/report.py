@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from flexlora.core.safe_load import load_json, load_yaml_file
+from flexlora.methods import DEFAULT_BASELINE, METHODS
 from flexlora.progress import advance, finish_phase
 from flexlora.stats import SeedTest, SignFlip, holm, mean_sd, seed_test, sign_flip_test
 
@@ -56,7 +57,6 @@ __all__ = [
 
 METRICS = ("loss", "rougeL", "rougeL_unstemmed", "tf_argmax_rougeL")
 LOWER_IS_BETTER = {"loss"}
-DEFAULT_BASELINE = "fedit"
 # what a run's record keeps: its config, identity, provenance, rank placement, per-round metrics and summary
 # (no checkpoint, adapter or log): enough for ``flexlora report`` to rebuild every table and plot
 RECORD_FILES = ("config.yaml", "cell.json", "run.json", "assignment.json", "metrics.jsonl", "summary.json")
@@ -210,14 +210,13 @@ def keep_records(records: Sequence[RunRecord], plan: Mapping[str, Any], out: Pat
 
 # ---------------------------------------------------------------------------------------------- the table
 def baseline_of(label: str, default: str = DEFAULT_BASELINE) -> str | None:
-    """The homogeneous baseline a row is compared with (``None`` for the baselines themselves)."""
+    """The homogeneous baseline a row is compared with: ``X`` for ``X@RANK``, else the registered method's
+    :attr:`~flexlora.methods.Method.baseline` (``None`` for the baselines themselves; ``default`` for the
+    other methods and for labelled variants)."""
     if "@" in label:
         return label.split("@", 1)[0]
-    if label == "slora+flexlora":
-        return "slora"
-    if label in ("fedavg", "fedit", "slora"):
-        return None
-    return default
+    base = METHODS[label].baseline if label in METHODS else "default"
+    return default if base == "default" else base
 
 
 def reference_of(

@@ -33,10 +33,10 @@ import yaml
 
 from flexlora.budget import assignment_record, budget_rank_types
 from flexlora.checkpoint import CHECKPOINT_DIR, check_shapes, load_checkpoint, recover_checkpoint
-from flexlora.config import SLORA_METHODS, ConfigError, RunConfig, load_config
+from flexlora.config import ConfigError, RunConfig, load_config
 from flexlora.core.adapter_io import write_adapter
-from flexlora.core.aggregators import make_aggregator
 from flexlora.core.aggregators.base import exact_factors
+from flexlora.core.aggregators.hetlora_cho import TailPenalty
 from flexlora.core.budget import Budget
 from flexlora.core.errors import AdapterError
 from flexlora.core.output_dirs import RUN_MARKER, OutputError, has_marker, write_marker
@@ -48,6 +48,7 @@ from flexlora.core.validation import UpdateLimits
 from flexlora.data import open_source
 from flexlora.data.splits import seeded_rng, split_clients, split_validation
 from flexlora.federation import AggregationStage, Federation, FederationPlan, Stage
+from flexlora.methods import get_method
 from flexlora.precision import resolve_precision
 from flexlora.tracking import tracked
 
@@ -57,6 +58,7 @@ __all__ = [
     "resume_federation",
     "environment",
     "build_aggregator",
+    "client_side",
     "make_plan",
     "stages_for",
     "write_outputs",
@@ -96,26 +98,24 @@ def build_aggregator(cfg: RunConfig, plan: FederationPlan):
 
 
 def _method(cfg: RunConfig):
-    # SLoRA's second stage: FedAvg at the homogeneous rank, or FlexLoRA with heterogeneous ranks
-    stage2 = {"slora": "fedavg", "slora+flexlora": "flexlora"}
-    method = stage2.get(cfg.federation.method, cfg.federation.method)
-    kwargs: dict[str, Any] = {}
-    if method.startswith("flexlora") or method == "raflora":  # flexlora, its factor-balance controls, raflora
-        kwargs["svd"] = cfg.federation.svd
-    elif method == "florist":
-        kwargs["threshold"] = cfg.federation.florist_threshold
-    elif method == "hetlora":
-        kwargs["sparsity_weighted"] = cfg.federation.sparsity_weighted
-    elif method == "hetlora-cho":
-        fed = cfg.federation
-        kwargs.update(gamma=fed.hetlora_gamma, lam=fed.hetlora_lambda, threshold=fed.hetlora_threshold)
-    return make_aggregator(method, **kwargs)
+    """The registered method's aggregator (SLoRA's: that of its dense second stage), its options read from
+    the ``federation`` section."""
+    return get_method(cfg.federation.method).build(cfg.federation)
 
 
 def _harden(aggregator, cfg: RunConfig, plan: FederationPlan):
-    """Wrap the method in the configured differential privacy or robust rule (the ``security`` section)."""
-    sec = cfg.security
+    """Wrap the method in the configured differential privacy or robust rule (the ``security`` section), in
+    the space the registered method declares.
+
+    Raises:
+        ValueError: DP asked for a method whose update is not linear in its clients' contributions.
+    """
+    sec, method = cfg.security, get_method(cfg.federation.method)
     if sec.dp_noise_multiplier > 0:
+        if not method.dp:
+            raise ValueError(
+                f"security.dp_noise_multiplier: differential privacy does not support {method.name}"
+            )
         return PrivateAggregator(
             aggregator,
             clip_norm=sec.clip_norm,
@@ -125,10 +125,23 @@ def _harden(aggregator, cfg: RunConfig, plan: FederationPlan):
             delta=sec.dp_delta,
             seed=cfg.federation.seed,
             secure_noise=sec.dp_secure_noise,
+            space=method.space,
         )
     if sec.robust != "none":
-        return RobustAggregator(aggregator, sec.robust, sec.clip_norm, sec.trim_fraction)
+        return RobustAggregator(aggregator, sec.robust, sec.clip_norm, sec.trim_fraction, space=method.space)
     return aggregator
+
+
+def client_side(cfg: RunConfig) -> dict[str, Any]:
+    """The :class:`Federation` keywords of the method's client recipe: the recipe, and with a tail penalty
+    its settings from the ``federation`` section."""
+    fed, recipe = cfg.federation, get_method(cfg.federation.method).client
+    penalty = (
+        TailPenalty(fed.hetlora_lambda, fed.hetlora_gamma, fed.hetlora_threshold)
+        if recipe.tail_penalty
+        else None
+    )
+    return {"recipe": recipe, "tail_penalty": penalty}
 
 
 def make_plan(cfg: RunConfig, rank_types: dict, shapes: dict[str, tuple[int, int]]) -> FederationPlan:
@@ -192,10 +205,8 @@ def stages_for(
     cfg: RunConfig, host, tokenizer, source, plan: FederationPlan, progress: bool
 ) -> tuple[Stage, ...]:
     """The federation's schedule: the method's own extra stages, in order, then its aggregation rounds."""
-    # registry: Method.client.stages
-    names = ("slora-sparse",) if cfg.federation.method in SLORA_METHODS else ()
     stages = []
-    for name in names:
+    for name in get_method(cfg.federation.method).client.stages:
         module, builder = _STAGE_BUILDERS[name].split(":")
         build = getattr(importlib.import_module(module), builder)
         stages.append(build(cfg, host, tokenizer, source, plan, progress))
@@ -275,8 +286,6 @@ def _execute(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool) -> Run
         return evaluate(factors, generate=cfg.eval.generate)
 
     aggregator = build_aggregator(cfg, plan)
-    if cfg.federation.method == "fedit":  # FedIT is FedAvg with AdamW as the local optimiser
-        cfg.train = dataclasses.replace(cfg.train, optimizer="adamw")
     engine = _engine(cfg, host, tokenizer, source, progress)
     log.info(
         "method %r, engine %s, %d training clients, %d held out",
@@ -300,6 +309,7 @@ def _execute(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool) -> Run
         final_evaluate=final_evaluate if cfg.eval.generate_final_only else None,
         limits=UpdateLimits(cfg.security.max_examples, cfg.security.norm_bound),
         round_retries=cfg.security.round_retries,
+        **client_side(cfg),
     )
     # ---------------------------------------------------------------- run
     if state is not None:

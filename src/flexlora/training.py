@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -365,7 +365,7 @@ def run_train_job(
         tokenizer: the model's tokenizer (with a pad token).
         data: the client's examples; ``data.train`` is used.
         job: which adapter to start from, and the seed of batch order and dropout.
-        cfg: the training hyperparameters.
+        cfg: the training hyperparameters (``job.optimizer``, the method's, replaces ``cfg.optimizer``).
 
     Returns:
         ``TrainResult`` with ``update = LoraUpdate(trained factors, num_examples=len(data.train),
@@ -381,6 +381,7 @@ def run_train_job(
         raise ValueError(f"job is for client {job.client_id!r} but the data is client {data.client_id!r}")
     if not data.train:
         raise ValueError(f"client {data.client_id!r} has no training examples; it cannot train")
+    cfg = cfg if job.optimizer is None else replace(cfg, optimizer=job.optimizer)
     host.load(job.init, job.frozen, job.freeze_A)
     try:
         with regularised(host, job):  # a method's client-side extras (hetlora-cho's tail penalty, pruning)

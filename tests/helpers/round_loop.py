@@ -8,10 +8,10 @@ from dataclasses import replace
 import torch
 
 from flexlora.contracts import TrainFailure, TrainJob, TrainResult
-from flexlora.core.aggregators import make_aggregator
 from flexlora.core.lora import LoraFactors, LoraUpdate
 from flexlora.core.ranks import parse_rank_type
 from flexlora.federation import Federation, FederationPlan
+from flexlora.methods import METHODS, make_aggregator
 from helpers.updates import ALPHA, SHAPES, changed, poisoned, without
 
 
@@ -92,5 +92,13 @@ def make_plan(pool=8, per_round=4, min_clients=2, rounds=2, types=("r2", "r3")) 
 
 def make_federation(tmp_path, plan, engine, method="flexlora", **kwargs) -> Federation:
     return Federation(
-        plan, make_aggregator(method), engine, lambda f: {"loss": 0.0}, tmp_path, {}, progress=False, **kwargs
+        plan,
+        make_aggregator(method),
+        engine,
+        lambda f: {"loss": 0.0},
+        tmp_path,
+        {},
+        progress=False,
+        recipe=METHODS[method].client,
+        **kwargs,
     )

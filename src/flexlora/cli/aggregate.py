@@ -24,9 +24,9 @@ import time
 from pathlib import Path
 
 from flexlora.core.adapter_io import atomic_directory, read_adapter, write_adapter
-from flexlora.core.aggregators import AGGREGATORS, make_aggregator
 from flexlora.core.output_dirs import AGGREGATE_MARKER, check_output_dir, write_marker
 from flexlora.core.svd import SVD_ROUTES
+from flexlora.methods import get_method, method_names
 
 __all__ = ["add_parser", "run"]
 
@@ -37,8 +37,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, required=True, help="output directory (OUT/rank-R/ per rank)")
     p.add_argument("--rank", type=int, action="append", required=True, help="output rank (repeatable)")
     p.add_argument("--weights", type=_weights, help="comma-separated example counts, one per client")
-    p.add_argument("--method", default="flexlora", choices=sorted([*AGGREGATORS, "fedit"]))
-    p.add_argument("--svd", default="auto", choices=SVD_ROUTES, help="SVD route (flexlora and raflora)")
+    # a method whose server rule is its whole story: not one with extra client stages (SLoRA)
+    p.add_argument(
+        "--method", default="flexlora", choices=sorted(method_names(lambda m: not m.client.stages))
+    )
+    p.add_argument("--svd", default="auto", choices=SVD_ROUTES, help="SVD route (methods with an svd option)")
     p.add_argument(
         "--randomized",
         action="store_true",
@@ -69,12 +72,11 @@ def run(args: argparse.Namespace) -> int:
     out = check_output_dir(args.out, AGGREGATE_MARKER, args.overwrite, inputs=args.clients)
     if args.randomized and args.method != "flexlora":
         raise ValueError(f"--randomized applies to flexlora only, not {args.method}")
-    kwargs: dict[str, object] = {}
-    if args.method == "flexlora":
-        kwargs = {"svd": args.svd, "top": max(args.rank) if args.randomized else None}
-    elif args.method.startswith("flexlora") or args.method == "raflora":
-        kwargs = {"svd": args.svd}
-    aggregator = make_aggregator(args.method, **kwargs)
+    method = get_method(args.method)
+    kwargs: dict[str, object] = {"svd": args.svd} if "svd" in method.options else {}
+    if args.randomized:
+        kwargs["top"] = max(args.rank)
+    aggregator = method.make_aggregator(**kwargs)
     configs, read_seconds = [], 0.0
 
     def updates():  # read each client directory only when the aggregator asks for it

@@ -23,6 +23,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from flexlora.methods import DEFAULT_BASELINE
+
 __all__ = ["add_parser", "run"]
 
 
@@ -30,7 +32,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="tables and plots from finished runs", description=__doc__)
     p.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR", help="run directories or their parents")
     p.add_argument("--out", type=Path, help="output directory (default: FIRST_RUN_DIR/report)")
-    p.add_argument("--baseline", default="fedit", help="homogeneous baseline of heterogeneous methods")
+    p.add_argument(
+        "--baseline", default=DEFAULT_BASELINE, help="homogeneous baseline of heterogeneous methods"
+    )
     p.add_argument(
         "--against", metavar="METHOD", help="pair every method with METHOD at the same distribution instead"
     )

@@ -18,8 +18,9 @@ Everything the server does afterwards (SVD, truncation, payloads) is post-proces
 * ``ffa``: ``A`` is frozen and public, so ``x_i = {s_m B_m}_m`` (zero-padded to the shared width) and the noise
   goes on the averaged ``B``; ``B A`` stays exactly linear in it.
 
-Factor-averaging methods that train ``A`` (``fedavg``, ``hetlora``) have no such linear contribution and are
-refused. The privacy spent after ``t`` rounds (releases) is reported by Flower's RDP accountant
+Factor-averaging methods that train ``A`` (``fedavg``, ``hetlora``) have no such linear contribution: the
+method registry (:attr:`flexlora.methods.Method.dp`) says which methods qualify and in which ``space``, and
+config validation refuses the others (this wrapper takes the space it is given). The privacy spent after ``t`` rounds (releases) is reported by Flower's RDP accountant
 (``flwr.supercore.privacy_accounting``, backed by Google's ``dp-accounting``) for the Gaussian mechanism of
 noise multiplier ``sigma`` composed ``t`` times, with add-or-remove-one neighbours and, like Flower's
 fixed-clipping wrapper, no credit for client subsampling (conservative).
@@ -43,10 +44,8 @@ from flexlora.core.aggregators.base import Aggregator, GlobalState, pad_columns,
 from flexlora.core.lora import LoraFactors, LoraUpdate
 from flexlora.core.validation import update_norm
 
-__all__ = ["DP_METHODS", "PrivateAggregator", "privacy_spent", "accountant_available"]
+__all__ = ["PrivateAggregator", "privacy_spent", "accountant_available"]
 
-#: Methods whose round update is linear in a per-client contribution we can clip (see module docstring).
-DP_METHODS: tuple[str, ...] = ("flexlora", "flora", "florist", "ffa", "flexlora-initnorm", "flexlora-sqrt")
 _ORDERS = (
     1.25,
     1.5,
@@ -118,20 +117,23 @@ class PrivateAggregator(Aggregator):
     """Clipping, fixed-denominator averaging and Gaussian noise around ``inner`` (module docstring).
 
     Args:
-        inner: ``flexlora``, ``flora``, ``florist`` or ``ffa``.
+        inner: a method whose update is linear in a clippable per-client contribution (``flexlora``, ``flora``,
+            ``florist``, ``ffa``, ...: :attr:`flexlora.methods.Method.dp`).
         clip_norm: ``C``.
         noise_multiplier: ``sigma`` (noise std ``sigma C / m``).
         expected_clients: ``m``, the clients sampled per round.
         population: clients that may be sampled (for the accountant).
         delta: the ``delta`` epsilon is reported at.
         seed: noise seed (see the module docstring); ``secure_noise`` draws it from the OS instead.
+        space: where the contribution lives: ``product`` (``s B A``) or ``factor`` (``s B`` over a frozen
+            ``A``: ``ffa``); :attr:`flexlora.methods.Method.space`.
 
     Raises:
-        ValueError: an unsupported method or a non-positive parameter.
+        ValueError: an unknown space or a non-positive parameter.
 
     Example:
         >>> agg = PrivateAggregator(FlexLoRA(), clip_norm=1.0, noise_multiplier=1.0,
-        ...                         expected_clients=8, population=100)   # doctest: +SKIP
+        ...                         expected_clients=8, population=100, space="product")  # doctest: +SKIP
         >>> agg.start_round(1); state = agg.aggregate(updates)            # doctest: +SKIP
         >>> agg.privacy_spent(1)["epsilon"]                               # doctest: +SKIP
     """
@@ -146,12 +148,11 @@ class PrivateAggregator(Aggregator):
         delta: float = 1e-5,
         seed: int = 0,
         secure_noise: bool = False,
+        *,
+        space: str,
     ):
-        if inner.name not in DP_METHODS:
-            raise ValueError(
-                f"differential privacy supports {list(DP_METHODS)}, not {inner.name!r}: its update is not linear "
-                "in a per-client contribution that can be clipped"
-            )
+        if space not in ("product", "factor"):
+            raise ValueError(f"space must be 'product' or 'factor', got {space!r}")
         for key, value in (("clip_norm", clip_norm), ("noise_multiplier", noise_multiplier)):
             if not (value > 0 and math.isfinite(value)):
                 raise ValueError(f"{key} must be a finite number > 0, got {value!r}")
@@ -164,10 +165,7 @@ class PrivateAggregator(Aggregator):
         self.inner, self.clip_norm, self.noise_multiplier = inner, clip_norm, noise_multiplier
         self.expected_clients, self.population, self.delta = expected_clients, population, delta
         self.seed, self.secure_noise = seed, secure_noise
-        self.name = inner.name
-        self.fresh_adapter_each_round = inner.fresh_adapter_each_round
-        self.freeze_A = getattr(inner, "freeze_A", False)
-        self.space = "factor" if inner.name == "ffa" else "product"
+        self.name, self.space = inner.name, space
         self.round = 0
 
     @property

@@ -11,6 +11,8 @@ as the median one). Clipping is then followed by the wrapped aggregator's own we
 clients: ``B A = (B G)(G^{-1} A)`` for any invertible ``G``, and ranks differ. The robust rule is therefore
 applied in the space where the wrapped aggregator averages:
 
+The space is the wrapped method's (:attr:`flexlora.methods.Method.space`), given by the caller.
+
 * *Product space* (``flexlora``, ``flora``, ``raflora``, ``florist``, whose global update is built from the
   products ``s_i B_i A_i``; the consensus replaces raFLoRA's partition weights): every ``dW_i``
   of a module lies in the column span of ``Bs = [s_1 B_1 | ... | s_n B_n]`` ``(d, R)`` and the row span of
@@ -50,7 +52,6 @@ from flexlora.core.validation import update_norm
 
 __all__ = [
     "ROBUST_RULES",
-    "PRODUCT_SPACE",
     "RobustAggregator",
     "robust_mean",
     "clip_updates",
@@ -60,15 +61,6 @@ __all__ = [
 
 Rule = Literal["clip", "trimmed", "median"]
 ROBUST_RULES: tuple[str, ...] = ("none", "clip", "trimmed", "median")
-#: Aggregators whose global update is the weighted sum of the clients' products ``s_i B_i A_i``.
-PRODUCT_SPACE: tuple[str, ...] = (
-    "flexlora",
-    "flora",
-    "raflora",
-    "florist",
-    "flexlora-initnorm",
-    "flexlora-sqrt",
-)
 
 
 def robust_mean(x: torch.Tensor, rule: str, trim: float = 0.1) -> torch.Tensor:
@@ -161,17 +153,24 @@ class RobustAggregator(Aggregator):
             is set, then) the robust consensus, stored by ``inner``.
         clip_norm: ``C``; ``None``: the median of the round's norms for ``clip``, no clipping otherwise.
         trim: fraction trimmed at each end by ``trimmed``, in ``[0, 0.5)``.
+        space: ``product`` or ``factor``, where ``inner`` averages (:attr:`flexlora.methods.Method.space`).
 
     Raises:
-        ValueError: unknown rule, bad ``trim`` or ``clip_norm``.
+        ValueError: unknown rule or space, bad ``trim`` or ``clip_norm``.
 
     Example:
-        >>> agg = RobustAggregator(FlexLoRA(), "median")                    # doctest: +SKIP
+        >>> agg = RobustAggregator(FlexLoRA(), "median", space="product")                  # doctest: +SKIP
         >>> state = agg.aggregate(updates)   # state.info: clip and norm statistics  # doctest: +SKIP
     """
 
     def __init__(
-        self, inner: Aggregator, rule: Rule = "median", clip_norm: float | None = None, trim: float = 0.1
+        self,
+        inner: Aggregator,
+        rule: Rule = "median",
+        clip_norm: float | None = None,
+        trim: float = 0.1,
+        *,
+        space: str,
     ):
         if rule not in ("clip", "trimmed", "median"):
             raise ValueError(f"robust rule must be 'clip', 'trimmed' or 'median', got {rule!r}")
@@ -179,12 +178,10 @@ class RobustAggregator(Aggregator):
             raise ValueError(f"trim must lie in [0, 0.5), got {trim!r}")
         if clip_norm is not None and not (clip_norm > 0 and math.isfinite(clip_norm)):
             raise ValueError(f"clip_norm must be a finite number > 0, got {clip_norm!r}")
+        if space not in ("product", "factor"):
+            raise ValueError(f"space must be 'product' or 'factor', got {space!r}")
         self.inner, self.rule, self.clip_norm, self.trim = inner, rule, clip_norm, trim
-        self.name = inner.name
-        self.fresh_adapter_each_round = inner.fresh_adapter_each_round
-        self.freeze_A = getattr(inner, "freeze_A", False)
-        self.tail_penalty = getattr(inner, "tail_penalty", None)  # hetlora-cho's client side
-        self.space = "product" if inner.name in PRODUCT_SPACE else "factor"
+        self.name, self.space = inner.name, space
 
     def hyperparameters(self) -> dict[str, object]:
         return {

@@ -214,8 +214,6 @@ class Aggregator(ABC):
     """
 
     name: str = ""
-    #: FLoRA-style methods: the client adds the payload to its frozen base and trains a fresh LoRA.
-    fresh_adapter_each_round: bool = False
 
     @abstractmethod
     def aggregate(self, updates: Sequence[LoraUpdate], previous: GlobalState | None = None) -> GlobalState:

@@ -34,7 +34,6 @@ class FFALoRA(Aggregator):
     """
 
     name = "ffa"
-    freeze_A = True
 
     def __init__(self, atol: float = 1e-5):
         self.atol = atol

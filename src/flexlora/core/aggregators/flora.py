@@ -44,7 +44,6 @@ class FLoRA(Aggregator):
     """Exact stacking aggregation; the client merges the payload and starts a fresh adapter."""
 
     name = "flora"
-    fresh_adapter_each_round = True
 
     def aggregate(self, updates: Sequence[LoraUpdate], previous: GlobalState | None = None) -> GlobalState:
         validate_updates(updates)

@@ -21,7 +21,7 @@ from flexlora.core.validation import UpdateLimits
 from flexlora.engines.flower.engine import FlowerEngine
 from flexlora.engines.flower.settings import check_on_flower
 from flexlora.federation import Federation
-from flexlora.run import build_aggregator, make_plan, write_outputs
+from flexlora.run import build_aggregator, client_side, make_plan, write_outputs
 from flexlora.tracking import tracked
 
 __all__ = ["run_deployment"]
@@ -99,6 +99,7 @@ def run_deployment(cfg: RunConfig, engine: FlowerEngine) -> Path:
         progress=False,
         limits=UpdateLimits(cfg.security.max_examples, cfg.security.norm_bound),
         round_retries=cfg.security.round_retries,
+        **client_side(cfg),
     )
     with tracked(federation, cfg.tracking, run_dir, cfg.to_dict()):
         state = federation.run()

@@ -229,7 +229,8 @@ def state_from_arrays(arrays: ArrayRecord, method: str) -> GlobalState:
 
 # ------------------------------------------------------------------------------------------------- jobs
 def job_to_content(job: TrainJob) -> RecordDict:
-    """One train message's content: the job's factors and ids (``server-round`` is the job's round)."""
+    """One train message's content: the job's factors, ids and client recipe (``freeze-A``, ``optimizer``:
+    empty for the node's own ``train.optimizer``; ``server-round`` is the job's round)."""
     init, init_lora = factors_to_records(job.init)
     content = RecordDict({"init": init, "init-lora": init_lora})
     if job.frozen is not None:
@@ -240,6 +241,7 @@ def job_to_content(job: TrainJob) -> RecordDict:
             "client-id": job.client_id,
             "seed": int(job.seed),
             "freeze-A": job.freeze_A,
+            "optimizer": job.optimizer or "",
         }
     )
     return content
@@ -266,6 +268,7 @@ def job_from_content(content: RecordDict, node: int | str = "server") -> TrainJo
         init=init,
         frozen=frozen,
         freeze_A=bool(cfg.get("freeze-A", False)),
+        optimizer=str(cfg.get("optimizer", "")) or None,
     )
 
 

@@ -33,7 +33,7 @@ from flwr.serverapp.strategy import Strategy
 
 from flexlora.checkpoint import ServerState
 from flexlora.contracts import TrainJob
-from flexlora.core.aggregators import GlobalState, make_aggregator
+from flexlora.core.aggregators import GlobalState
 from flexlora.core.lora import LoraUpdate, alpha_problem
 from flexlora.core.ranks import module_ranks
 from flexlora.core.validation import UpdateLimits, UpdateRejected, check_update
@@ -49,6 +49,7 @@ from flexlora.engines.flower.records import (
     update_from_reply,
 )
 from flexlora.federation import Federation, FederationPlan, derive_seed
+from flexlora.methods import get_method
 
 __all__ = ["FlexLoRAStrategy"]
 
@@ -103,7 +104,8 @@ class FlexLoRAStrategy(Strategy):
             raise ValueError(f"fractions must be in [0, 1], got {fraction_train}, {fraction_evaluate}")
         if problem := alpha_problem(alpha):
             raise ValueError(f"alpha {problem}")
-        self.aggregator = make_aggregator(method, **dict(method_options or {}))
+        self.recipe = get_method(method).client
+        self.aggregator = get_method(method).make_aggregator(**dict(method_options or {}))
         self.method = method
         self.shapes = {name: (int(d), int(k)) for name, (d, k) in shapes.items()}
         self.alpha, self.use_rslora, self.seed = float(alpha), bool(use_rslora), int(seed)
@@ -197,7 +199,7 @@ class FlexLoRAStrategy(Strategy):
             alpha=self.alpha,
             use_rslora=self.use_rslora,
         )
-        federation = Federation(plan, self.aggregator, None, None, ".", {}, progress=False)  # type: ignore[arg-type]
+        federation = Federation(plan, self.aggregator, None, None, ".", {}, recipe=self.recipe)  # type: ignore[arg-type]
         jobs = federation.jobs(ServerState(server_round - 1, state, {}), server_round, labels)
         messages, sent = [], {}
         for node, job in zip(nodes, jobs, strict=True):
