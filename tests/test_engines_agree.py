@@ -11,6 +11,7 @@ float32 tensors, the dtype they are trained in, so the round trip is exact).
 from __future__ import annotations
 
 import json
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -23,15 +24,16 @@ from helpers.configs import tiny_config
 from helpers.flower_fakes import FakeGrid, trainer
 
 ON_FLOWER = sorted(name for name, m in METHODS.items() if "flower" in m.engines)
+LOCAL_ONLY = sorted(set(METHODS) - set(ON_FLOWER))
 HELDOUT = ["4", "5"]  # of 6 synthetic clients: the pool is "0".."3" on both engines
 
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread(one_thread):
-    """Serial CPU kernels: equal inputs give equal sums whatever the machine's load."""
+    """One intra-op thread (see ``tests/conftest.py``): 20 federations on a shared 2-core machine."""
 
 
-def _config(tmp_path, method: str, engine: str):
+def _config(tmp_path, method: str, engine: str, *extra: str):
     distribution = "homo" if METHODS[method].homogeneous_only else "[r8, r30]"
     return tiny_config(
         tmp_path,
@@ -45,6 +47,7 @@ def _config(tmp_path, method: str, engine: str):
         "eval.max_examples_per_client=1",
         "federation.eval_clients=1",
         f"federation.engine={engine}",
+        *extra,
         name=f"{method}-{engine}",
     )
 
@@ -106,3 +109,16 @@ def test_deployment_equals_the_in_process_engine(tmp_path, method):
     assert ours.keys() == theirs.keys()
     unequal = [k for k in ours if not torch.equal(ours[k], theirs[k])]
     assert not unequal, unequal
+
+
+@pytest.mark.parametrize("method", LOCAL_ONLY)
+def test_deployment_refuses_a_local_only_method_in_one_line(tmp_path, method):
+    """What Flower cannot carry (SLoRA's sparse stage, HetLoRA-Cho's regulariser) is refused, not dropped."""
+    from flexlora.config import ConfigError
+    from flexlora.engines.flower.deployment import run_deployment
+
+    cfg = _config(tmp_path, method, "local", "federation.slora_rounds=1")
+    with pytest.raises(ConfigError, match=f"federation.method: {re.escape(method)} runs on the local") as exc:
+        run_deployment(cfg, engine=None)  # type: ignore[arg-type]
+    assert "\n" not in str(exc.value)
+    assert not cfg.run_dir.exists()
