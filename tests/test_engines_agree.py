@@ -4,8 +4,9 @@ Each method runs one tiny federation twice: with ``flexlora run`` on the local e
 :func:`~flexlora.engines.flower.deployment.run_deployment` over fake SuperNodes, one per client of the local
 pool, each declaring the rank type the local run gave its client and training with the real node-side
 function (:func:`~flexlora.engines.flower.worker.train_reply`) on its own data. Same pool, same seed: the
-same clients are sampled each round, and the final global states are bit-for-bit equal (the wire carries
-float32 tensors, the dtype they are trained in, so the round trip is exact).
+same clients are sampled each round, every round's metrics but wall-clock times are equal (losses, tokens,
+bytes, spectra, held-out loss), and the final global states are bit-for-bit equal (the wire carries float32
+tensors, the dtype they are trained in, so the round trip is exact). Methods Flower cannot run are refused.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ def _one_thread(one_thread):
 
 
 def _config(tmp_path, method: str, engine: str, *extra: str):
+    """Two rounds of 3 of the clients "0".."3", at two rank types unless the method needs one."""
     distribution = "homo" if METHODS[method].homogeneous_only else "[r8, r30]"
     return tiny_config(
         tmp_path,
