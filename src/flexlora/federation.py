@@ -409,7 +409,8 @@ def cut_jobs(
     """Each client's payload at its own ranks (``aggregator.payload`` of the global state, completed with
     rows seeded by ``(seed, "complete", round)``), and the method's client recipe: FLoRA-style methods start
     a fresh adapter on top of the (frozen) global update; FFA-LoRA freezes ``A``; FedIT trains with AdamW.
-    Every engine and :class:`flexlora.engines.flower.FlexLoRAStrategy` send these jobs."""
+    ``tail_penalty``: the recipe's settings (``None`` without one). Every engine and
+    :class:`flexlora.engines.flower.FlexLoRAStrategy` send these jobs."""
     global_state = dataclasses.replace(state.global_state, seed=derive_seed(plan.seed, "complete", round_))
     jobs = []
     for cid in clients:
@@ -433,7 +434,7 @@ def cut_jobs(
                 init=init,
                 frozen=frozen,
                 freeze_A=recipe.freeze_A,
-                tail_penalty=tail_penalty if recipe.tail_penalty else None,
+                tail_penalty=tail_penalty,
                 optimizer=recipe.optimizer,
             )
         )

@@ -138,7 +138,10 @@ def harden(
                 f"security.dp_noise_multiplier: differential privacy does not support {method.name}"
             )
         if expected_clients is None or population is None:
-            raise ValueError("security.dp_noise_multiplier: differential privacy needs the population size")
+            raise ValueError(
+                "security.dp_noise_multiplier: differential privacy needs the population (the clients that "
+                "may be sampled; FlexLoRAStrategy: population=)"
+            )
         return PrivateAggregator(
             aggregator,
             clip_norm=security.clip_norm,

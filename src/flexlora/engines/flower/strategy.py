@@ -60,7 +60,7 @@ from flexlora.engines.flower.records import (
     update_from_reply,
 )
 from flexlora.federation import FederationPlan, check_outcome, cut_jobs, derive_seed
-from flexlora.methods import get_method
+from flexlora.methods import Method, get_method
 from flexlora.run import harden
 
 __all__ = ["FlexLoRAStrategy"]
@@ -125,11 +125,7 @@ class FlexLoRAStrategy(Strategy):
             raise ValueError(f"fractions must be in [0, 1], got {fraction_train}, {fraction_evaluate}")
         if problem := alpha_problem(alpha):
             raise ValueError(f"alpha {problem}")
-        spec = get_method(method)
-        if "flower" not in spec.engines:
-            raise ValueError(
-                f"{method} runs on the local engine only (stages or a tail penalty): not on Flower"
-            )
+        spec = _flower_method(method)
         self.recipe, self.method = spec.client, method
         self.shapes = {name: (int(d), int(k)) for name, (d, k) in shapes.items()}
         self.alpha, self.use_rslora, self.seed = float(alpha), bool(use_rslora), int(seed)
@@ -141,14 +137,7 @@ class FlexLoRAStrategy(Strategy):
         self.security = _security(security, max_examples, norm_bound)
         self.wait_timeout, self.max_examples = wait_timeout, self.security.max_examples
         self.limits = UpdateLimits(self.max_examples, self.security.norm_bound)  # ValueError for a bad bound
-        m = (
-            None
-            if population is None
-            else min(population, max(int(population * fraction_train), min_train_nodes))
-        )
-        sizes = {} if m is None else {"expected_clients": m, "population": population}
-        inner = spec.make_aggregator(**dict(method_options or {}))
-        self.aggregator = harden(inner, spec, self.security, seed=self.seed, **sizes)
+        self.aggregator = self._hardened(spec, method_options, population)
         self._releases = 0  # rounds aggregated (DP's releases)
         self.book = NodeBook(distribution, seed, query_timeout)
         self.state: GlobalState | None = None
@@ -158,6 +147,15 @@ class FlexLoRAStrategy(Strategy):
         self.history: list[dict[str, Any]] = []  # per round: each node's client, rank type, bytes, outcome
 
     # ------------------------------------------------------------------------------------------ helpers
+    def _hardened(self, spec: Method, options: Mapping[str, Any] | None, population: int | None):
+        """The method's aggregator wrapped in the ``security`` rule by the round loop's :func:`harden`; DP's
+        ``m`` is what :meth:`_sample` draws from ``population`` nodes."""
+        inner = spec.make_aggregator(**dict(options or {}))
+        if population is None:
+            return harden(inner, spec, self.security, seed=self.seed)
+        m = min(population, max(int(population * self.fraction_train), self.min_train_nodes))
+        return harden(inner, spec, self.security, seed=self.seed, expected_clients=m, population=population)
+
     def summary(self) -> None:
         """Log the method and its hyperparameters as a tree."""
         log.info("FlexLoRAStrategy")
@@ -409,6 +407,15 @@ class FlexLoRAStrategy(Strategy):
                 continue
             rows.append({**finite_metrics(node, m), "num-examples": n})
         return _weighted(rows) if rows else None
+
+
+def _flower_method(name: str) -> Method:
+    """The registered method ``name``, refused in one line when its recipe is not carried by Flower."""
+    spec = get_method(name)
+    if "flower" not in spec.engines:
+        what = "its stages are" if spec.client.stages else "its tail penalty is"
+        raise ValueError(f"{name} runs on the local engine only ({what} not carried by Flower)")
+    return spec
 
 
 def _security(security: SecurityConfig | None, max_examples: int, norm_bound: float | None) -> SecurityConfig:
