@@ -360,8 +360,9 @@ class FlexLoRAStrategy(Strategy):
         except ReplyError as exc:
             return None, str(exc), 0
         update.client_id = job.client_id  # a node on its own partition trains as the round's ``node-<id>``
-        _, reason, _ = check_outcome(self._plan, self.limits, job, TrainResult(update, extra))
-        return (None, reason, 0) if reason else (TrainResult(update, extra), "", nbytes)
+        result = TrainResult(update, extra)
+        _, reason, _ = check_outcome(self._plan, self.limits, job, result)
+        return (None, reason, 0) if reason else (result, "", nbytes)
 
     def _aggregate(self, server_round: int, updates: list[LoraUpdate]) -> dict[str, float]:
         """Aggregate ``updates`` into the new global state, as the round loop's aggregation stage does (a
