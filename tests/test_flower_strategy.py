@@ -8,11 +8,15 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, RecordDict
 
+from flexlora.checkpoint import ServerState
+from flexlora.config import FederationConfig, RunConfig, SecurityConfig
 from flexlora.core.aggregators import GlobalState
-from flexlora.core.ranks import module_ranks
+from flexlora.core.ranks import module_ranks, parse_rank_type
 from flexlora.engines.flower import FlexLoRAStrategy
 from flexlora.engines.flower.records import job_from_content, state_from_arrays, update_from_reply
-from flexlora.methods import make_aggregator
+from flexlora.federation import FederationPlan, cut_jobs
+from flexlora.methods import get_method, make_aggregator
+from flexlora.run import build_aggregator
 from helpers.flower_fakes import FakeGrid, trainer
 
 SHAPES = {"layers.0.self_attn.q_proj": (12, 10), "layers.0.mlp.up_proj": (16, 10)}
@@ -156,3 +160,123 @@ def test_evaluation_is_off_by_default_and_weighted_when_on():
 def test_unknown_method_is_refused():
     with pytest.raises(ValueError, match="unknown method"):
         FlexLoRAStrategy("fedprox", shapes=SHAPES)
+
+
+# ------------------------------------------------------------------ the round loop's pieces, DP and robust
+def _three_nodes() -> FakeGrid:
+    return FakeGrid(
+        {
+            101: trainer({"lora-rank": 2}, 10),
+            102: trainer({"lora-rank": 4}, 20),
+            103: trainer({"lora-rank": 4}, 30),
+        }
+    )
+
+
+def _updates(messages, replies):
+    """The replies' updates, each as the client the strategy sent it to (the round loop's client ids)."""
+    jobs = {m.metadata.dst_node_id: job_from_content(m.content) for m in messages}
+    out = []
+    for reply in replies:
+        job = jobs[reply.metadata.src_node_id]
+        update, _, _ = update_from_reply(reply.content, job.init, "", reply.metadata.src_node_id)
+        update.client_id = job.client_id
+        out.append(update)
+    return out
+
+
+def _round_loop_aggregator(method: str, security: SecurityConfig, pool: list[str], seed: int = 1):
+    """What ``flexlora run`` builds for the same method and security section over ``pool``."""
+    cfg = RunConfig(federation=FederationConfig(method=method, seed=seed), security=security)
+    plan = FederationPlan(pool, {}, SHAPES, 1, len(pool), 1, 1, 8.0)
+    return build_aggregator(cfg, plan)
+
+
+@pytest.mark.parametrize("method", ["flexlora", "flora", "ffa", "fedit"])
+def test_payloads_are_the_round_loops_jobs_with_the_methods_recipe(method):
+    grid = FakeGrid({n: trainer({"lora-rank": 4}) for n in (1, 2)})
+    strategy = FlexLoRAStrategy(method, shapes=SHAPES, alpha=8.0, seed=3)
+    arrays = ArrayRecord()
+    for server_round in (1, 2):  # round 2: FLoRA's frozen global update
+        messages, replies = _round(strategy, grid, server_round, arrays)
+        state = ServerState(server_round - 1, strategy.state, {})
+        labels = [f"node-{m.metadata.dst_node_id}" for m in messages]
+        plan = FederationPlan(labels, {c: parse_rank_type("r4") for c in labels}, SHAPES, 2, 2, 1, 3, 8.0)
+        inner = make_aggregator(method)
+        want = cut_jobs(plan, inner, get_method(method).client, None, state, server_round, labels)
+        for msg, job in zip(messages, want, strict=True):
+            got = job_from_content(msg.content)
+            assert (got.seed, got.freeze_A, got.optimizer) == (job.seed, job.freeze_A, job.optimizer)
+            for name, f in job.init.items():
+                assert torch.equal(got.init[name].A, f.A) and torch.equal(got.init[name].B, f.B)
+            assert (got.frozen is None) == (job.frozen is None)
+        arrays, _ = strategy.aggregate_train(server_round, replies)
+    assert job_from_content(messages[0].content).optimizer == ("adamw" if method == "fedit" else None)
+    assert job_from_content(messages[0].content).freeze_A == (method == "ffa")
+
+
+@pytest.mark.parametrize(("rule", "clip"), [("median", None), ("clip", 0.05)])
+def test_a_robust_rule_gives_the_round_loops_global_state(rule, clip):
+    security = SecurityConfig(robust=rule, clip_norm=clip)
+    strategy = FlexLoRAStrategy(shapes=SHAPES, alpha=8.0, min_train_nodes=3, seed=1, security=security)
+    grid = _three_nodes()
+    messages, replies = _round(strategy, grid, 1, ArrayRecord())
+    previous, updates = strategy.state, _updates(messages, replies)
+    arrays, _ = strategy.aggregate_train(1, replies)
+    pool = [u.client_id for u in updates]
+    want = _round_loop_aggregator("flexlora", security, pool).aggregate_stream(
+        iter(updates), previous=previous
+    )
+    plain = make_aggregator("flexlora").aggregate(updates, previous=previous)
+    got = state_from_arrays(arrays, "flexlora")
+    for name, lr in want.modules.items():
+        torch.testing.assert_close(got.modules[name].delta(), lr.delta(), rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(lr.delta(), plain.modules[name].delta())  # the rule did act
+
+
+def test_dp_in_the_strategy_adds_the_round_loops_reproducible_noise():
+    security = SecurityConfig(clip_norm=0.5, dp_noise_multiplier=1.0)
+
+    def one_round():
+        strategy = FlexLoRAStrategy(
+            shapes=SHAPES, alpha=8.0, min_train_nodes=3, seed=1, security=security, population=3
+        )
+        messages, replies = _round(strategy, _three_nodes(), 1, ArrayRecord())
+        previous, updates = strategy.state, _updates(messages, replies)
+        arrays, metrics = strategy.aggregate_train(1, replies)
+        return state_from_arrays(arrays, "flexlora"), metrics, previous, updates
+
+    got, metrics, previous, updates = one_round()
+    again = one_round()[0]
+    round_loop = _round_loop_aggregator("flexlora", security, [u.client_id for u in updates])
+    round_loop.start_round(1)  # as train_and_fold does
+    want = round_loop.aggregate_stream(iter(updates), previous=previous)
+    other_seed = _round_loop_aggregator("flexlora", security, [u.client_id for u in updates], seed=2)
+    other_seed.start_round(1)
+    other = other_seed.aggregate_stream(iter(updates), previous=previous)
+    for name, lr in want.modules.items():
+        torch.testing.assert_close(got.modules[name].delta(), lr.delta(), rtol=1e-5, atol=1e-6)
+        assert torch.equal(got.modules[name].delta(), again.modules[name].delta())
+        assert not torch.allclose(lr.delta(), other.modules[name].delta())  # seeded noise was added
+    assert metrics["dp-epsilon"] > 0
+    assert round_loop.expected_clients == 3 and round_loop.population == 3
+    # DP's denominator is what the strategy samples: max(int(population * fraction_train), min_train_nodes)
+    sampled = FlexLoRAStrategy(shapes=SHAPES, security=security, population=10, fraction_train=0.35)
+    assert (sampled.aggregator.expected_clients, sampled.aggregator.population) == (3, 10)
+
+
+def test_the_strategy_refuses_what_it_cannot_run_in_one_line():
+    dp = SecurityConfig(clip_norm=1.0, dp_noise_multiplier=1.0)
+    cases = [
+        ({"method": "slora"}, "local engine only"),
+        ({"method": "slora+flexlora"}, "local engine only"),
+        ({"method": "hetlora-cho"}, "local engine only"),
+        ({"security": dp}, "population"),
+        ({"method": "hetlora", "security": dp, "population": 10}, "does not support hetlora"),
+        ({"security": SecurityConfig(), "norm_bound": 1.0}, "norm_bound"),
+        ({"security": SecurityConfig(round_retries=1)}, "round_retries"),
+    ]
+    for kwargs, needle in cases:
+        with pytest.raises(ValueError, match=needle) as info:
+            FlexLoRAStrategy(shapes=SHAPES, **kwargs)
+        assert "\n" not in str(info.value)

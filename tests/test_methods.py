@@ -234,6 +234,39 @@ def test_flower_nodes_train_with_the_methods_optimizer(tmp_path, optimizers, met
     assert optimizers == [expected]
 
 
+@pytest.mark.parametrize(("method", "expected"), [("fedit", "AdamW"), ("fedavg", "SGD")])
+def test_flexlora_strategy_nodes_train_with_the_methods_optimizer(tmp_path, optimizers, method, expected):
+    """The public Flower strategy's messages, to the node's own training function (its settings as a
+    deployment's nodes get them)."""
+    from flwr.app import ArrayRecord, ConfigRecord
+
+    from flexlora.engines.flower import FlexLoRAStrategy
+    from flexlora.engines.flower.records import SETTINGS_RECORD
+    from flexlora.engines.flower.settings import client_settings
+    from flexlora.engines.flower.worker import train_reply
+    from flexlora.models import config_module_shapes
+
+    cfg = tiny(tmp_path, method, "train.optimizer=sgd", "federation.engine=flower")
+    shapes = config_module_shapes(cfg.model.name, cfg.model.target_modules)
+    context = SimpleNamespace(node_config={}, run_config={}, node_id=5)
+    answer, settings = trainer({"client-id": "0", "lora-rank": 8}), json.dumps(client_settings(cfg))
+
+    def node(msg: Message) -> Message:
+        if msg.metadata.message_type != MessageType.TRAIN:
+            return answer(msg)
+        msg.content[SETTINGS_RECORD] = ConfigRecord({"json": settings})
+        return Message(train_reply(msg.content, context), reply_to=msg)
+
+    grid = FakeGrid({5: node})
+    strategy = FlexLoRAStrategy(
+        method, shapes=shapes, alpha=cfg.model.lora_alpha, min_train_nodes=1, min_available_nodes=1
+    )
+    messages = list(strategy.configure_train(1, ArrayRecord(), ConfigRecord(), grid))
+    arrays, metrics = strategy.aggregate_train(1, grid.send_and_receive(messages))
+    assert arrays is not None and metrics["num-results"] == 1
+    assert optimizers == [expected]
+
+
 # --------------------------------------------------------------------------------------------- checkpoints
 def test_a_fedit_checkpoint_records_the_method_and_an_old_one_still_resumes(tmp_path):
     """Checkpoints name the method (``fedit``) and the aggregator state it holds (``fedavg``); one written

@@ -36,7 +36,16 @@ from flexlora.core.ranks import RankType, module_ranks
 from flexlora.core.validation import UpdateLimits, UpdateRejected, check_update
 from flexlora.methods import ClientRecipe
 
-__all__ = ["AggregationStage", "Federation", "FederationPlan", "RoundTally", "Stage", "derive_seed"]
+__all__ = [
+    "AggregationStage",
+    "Federation",
+    "FederationPlan",
+    "RoundTally",
+    "Stage",
+    "check_outcome",
+    "cut_jobs",
+    "derive_seed",
+]
 
 log = logging.getLogger(__name__)
 Evaluator = Callable[[dict[str, LoraFactors] | None], dict[str, Any]]
@@ -224,37 +233,8 @@ class Federation:
 
     # ---------------------------------------------------------------------------- one round
     def jobs(self, state: ServerState, round_: int, clients: list[str]) -> list[TrainJob]:
-        """Each client's payload at its own ranks, and the method's client recipe: FLoRA-style methods start
-        a fresh adapter on top of the (frozen) global update; FFA-LoRA freezes ``A``; FedIT trains with AdamW."""
-        plan, agg, recipe = self.plan, self.aggregator, self.recipe
-        global_state = dataclasses.replace(
-            state.global_state, seed=derive_seed(plan.seed, "complete", round_)
-        )
-        jobs = []
-        for cid in clients:
-            ranks = plan.ranks(cid)
-            if recipe.fresh_adapter:
-                # round 1 starts from the shared initial A, like every other method
-                fresh_seed = plan.seed if round_ == 1 else derive_seed(plan.seed, "fresh", round_)
-                fresh = GlobalState.initial(plan.shapes, ranks, agg.name, fresh_seed)
-                init = leading_factors(fresh, ranks, plan.alpha, plan.use_rslora)
-                frozen = agg.payload(global_state, ranks, plan.alpha, plan.use_rslora) if round_ > 1 else None
-            else:
-                init = agg.payload(global_state, ranks, plan.alpha, plan.use_rslora)
-                frozen = None
-            jobs.append(
-                TrainJob(
-                    client_id=cid,
-                    round=round_,
-                    seed=derive_seed(plan.seed, "train", round_, cid),
-                    init=init,
-                    frozen=frozen,
-                    freeze_A=recipe.freeze_A,
-                    tail_penalty=self.tail_penalty,
-                    optimizer=recipe.optimizer,
-                )
-            )
-        return jobs
+        """Each client's payload at its own ranks, with the method's client recipe (:func:`cut_jobs`)."""
+        return cut_jobs(self.plan, self.aggregator, self.recipe, self.tail_penalty, state, round_, clients)
 
     def triage(
         self,
@@ -263,43 +243,24 @@ class Federation:
         outcomes: Iterable[TrainResult | TrainFailure],
         tally: RoundTally,
     ) -> Iterator[LoraUpdate]:
-        """Check each outcome against its job as it arrives and yield the valid updates; a bad update
-        becomes a failure with its reason. ``tally`` records the results (their updates dropped: metrics and
-        example counts only), ``{client: reason}`` of failures and rejections, rejections counted by kind
-        (``num_examples``, ``A.shape``, ``norm``, ...) and the seconds spent training and validating."""
-        plan = self.plan
+        """Check each outcome against its job as it arrives (:func:`check_outcome`) and yield the valid updates;
+        a bad update becomes a failure with its reason. ``tally`` records the results (their updates dropped:
+        metrics and example counts only), ``{client: reason}`` of failures and rejections, rejections counted
+        by kind (``num_examples``, ``A.shape``, ``norm``, ...) and the seconds spent training and validating."""
         it = iter(outcomes)
         for job in jobs:
             cid, t = job.client_id, time.perf_counter()
             outcome = next(it, None)
             t1 = time.perf_counter()
             tally.train += t1 - t
-            reason = None
-            if isinstance(outcome, TrainFailure):
-                reason = outcome.reason
-            elif not isinstance(outcome, TrainResult):
-                reason = f"the engine returned {type(outcome).__name__}, not a result"
-            else:
-                try:
-                    check_update(
-                        outcome.update,
-                        client_id=cid,
-                        ranks=plan.ranks(cid),
-                        shapes=plan.shapes,
-                        alpha=plan.alpha,
-                        use_rslora=plan.use_rslora,
-                        limits=self.limits,
-                        frozen_A={n: f.A for n, f in job.init.items()} if job.freeze_A else None,
-                    )
-                except UpdateRejected as exc:
-                    reason = str(exc)
-                    tally.rejected[exc.kind] += 1
+            update, reason, kind = check_outcome(self.plan, self.limits, job, outcome)
             tally.validate += time.perf_counter() - t1
-            if reason is not None:
+            if update is None:
+                if kind is not None:
+                    tally.rejected[kind] += 1
                 tally.failures[cid] = reason
                 log.warning("round %d: client %s left out: %s", round_, cid, reason)
                 continue
-            update = outcome.update
             tally.results.append(TrainResult(LoraUpdate({}, update.num_examples, cid), outcome.metrics))
             del outcome
             yield update
@@ -434,6 +395,82 @@ class Federation:
         tmp = path.with_suffix(".tmp")
         tmp.write_text("".join(json.dumps(m) + "\n" for m in metrics))
         tmp.replace(path)
+
+
+def cut_jobs(
+    plan: FederationPlan,
+    aggregator: Aggregator,
+    recipe: ClientRecipe,
+    tail_penalty: TailPenalty | None,
+    state: ServerState,
+    round_: int,
+    clients: list[str],
+) -> list[TrainJob]:
+    """Each client's payload at its own ranks (``aggregator.payload`` of the global state, completed with
+    rows seeded by ``(seed, "complete", round)``), and the method's client recipe: FLoRA-style methods start
+    a fresh adapter on top of the (frozen) global update; FFA-LoRA freezes ``A``; FedIT trains with AdamW.
+    ``tail_penalty``: the recipe's settings (``None`` without one). Every engine and
+    :class:`flexlora.engines.flower.FlexLoRAStrategy` send these jobs."""
+    global_state = dataclasses.replace(state.global_state, seed=derive_seed(plan.seed, "complete", round_))
+    jobs = []
+    for cid in clients:
+        ranks = plan.ranks(cid)
+        if recipe.fresh_adapter:
+            # round 1 starts from the shared initial A, like every other method
+            fresh_seed = plan.seed if round_ == 1 else derive_seed(plan.seed, "fresh", round_)
+            fresh = GlobalState.initial(plan.shapes, ranks, aggregator.name, fresh_seed)
+            init = leading_factors(fresh, ranks, plan.alpha, plan.use_rslora)
+            frozen = (
+                aggregator.payload(global_state, ranks, plan.alpha, plan.use_rslora) if round_ > 1 else None
+            )
+        else:
+            init = aggregator.payload(global_state, ranks, plan.alpha, plan.use_rslora)
+            frozen = None
+        jobs.append(
+            TrainJob(
+                client_id=cid,
+                round=round_,
+                seed=derive_seed(plan.seed, "train", round_, cid),
+                init=init,
+                frozen=frozen,
+                freeze_A=recipe.freeze_A,
+                tail_penalty=tail_penalty,
+                optimizer=recipe.optimizer,
+            )
+        )
+    return jobs
+
+
+def check_outcome(
+    plan: FederationPlan, limits: UpdateLimits, job: TrainJob, outcome: object
+) -> tuple[LoraUpdate | None, str | None, str | None]:
+    """Check what the engine returned for ``job`` against what the client was sent
+    (:func:`flexlora.core.validation.check_update`: its id, ranks, shapes, scale, ``limits`` and, with a
+    frozen ``A``, that ``A``).
+
+    Returns:
+        ``(update, None, None)`` for a valid update, else ``(None, reason, kind)``: ``kind`` is the
+        rejection's kind (``num_examples``, ``A.shape``, ``norm``, ...), ``None`` for a failed client.
+    """
+    if isinstance(outcome, TrainFailure):
+        return None, outcome.reason, None
+    if not isinstance(outcome, TrainResult):
+        return None, f"the engine returned {type(outcome).__name__}, not a result", None
+    cid = job.client_id
+    try:
+        check_update(
+            outcome.update,
+            client_id=cid,
+            ranks=plan.ranks(cid),
+            shapes=plan.shapes,
+            alpha=plan.alpha,
+            use_rslora=plan.use_rslora,
+            limits=limits,
+            frozen_A={n: f.A for n, f in job.init.items()} if job.freeze_A else None,
+        )
+    except UpdateRejected as exc:
+        return None, str(exc), exc.kind
+    return outcome.update, None, None
 
 
 def _weighted_mean(results: list[TrainResult], key: str) -> float | None:

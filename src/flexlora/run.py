@@ -33,7 +33,7 @@ import yaml
 
 from flexlora.budget import assignment_record, budget_rank_types
 from flexlora.checkpoint import CHECKPOINT_DIR, check_shapes, load_checkpoint, recover_checkpoint
-from flexlora.config import ConfigError, RunConfig, load_config
+from flexlora.config import ConfigError, RunConfig, SecurityConfig, load_config
 from flexlora.core.adapter_io import write_adapter
 from flexlora.core.aggregators.base import exact_factors
 from flexlora.core.aggregators.hetlora_cho import TailPenalty
@@ -48,7 +48,7 @@ from flexlora.core.validation import UpdateLimits
 from flexlora.data import open_source
 from flexlora.data.splits import seeded_rng, split_clients, split_validation
 from flexlora.federation import AggregationStage, Federation, FederationPlan, Stage
-from flexlora.methods import get_method
+from flexlora.methods import Method, get_method
 from flexlora.precision import resolve_precision
 from flexlora.tracking import tracked
 
@@ -58,6 +58,7 @@ __all__ = [
     "resume_federation",
     "environment",
     "build_aggregator",
+    "harden",
     "client_side",
     "make_plan",
     "stages_for",
@@ -103,32 +104,59 @@ def _method(cfg: RunConfig):
     return get_method(cfg.federation.method).build(cfg.federation)
 
 
-def _harden(aggregator, cfg: RunConfig, plan: FederationPlan):
-    """Wrap the method in the configured differential privacy or robust rule (the ``security`` section), in
-    the space the registered method declares.
+def _harden(aggregator, cfg: RunConfig, plan: FederationPlan | None):
+    """:func:`harden` with the ``security`` section, DP's sampling sizes read from ``plan``."""
+    sizes = {} if plan is None else {"expected_clients": len(plan.sample(1)), "population": len(plan.pool)}
+    method = get_method(cfg.federation.method)
+    return harden(aggregator, method, cfg.security, seed=cfg.federation.seed, **sizes)
+
+
+def harden(
+    aggregator,
+    method: Method,
+    security: SecurityConfig,
+    *,
+    seed: int,
+    expected_clients: int | None = None,
+    population: int | None = None,
+):
+    """Wrap ``method``'s aggregator in the differential privacy or robust rule ``security`` asks for, in the
+    space the registered method declares (:attr:`Method.space`). The round loop and
+    :class:`flexlora.engines.flower.FlexLoRAStrategy` both wrap their aggregator here.
+
+    Args:
+        seed: the DP noise seed (the run seed).
+        expected_clients, population: clients sampled per round and clients that may be sampled (DP only).
 
     Raises:
-        ValueError: DP asked for a method whose update is not linear in its clients' contributions.
+        ValueError: DP asked for a method whose update is not linear in its clients' contributions, or
+            without the sampling sizes.
     """
-    sec, method = cfg.security, get_method(cfg.federation.method)
-    if sec.dp_noise_multiplier > 0:
+    if security.dp_noise_multiplier > 0:
         if not method.dp:
             raise ValueError(
                 f"security.dp_noise_multiplier: differential privacy does not support {method.name}"
             )
+        if expected_clients is None or population is None:
+            raise ValueError(
+                "security.dp_noise_multiplier: differential privacy needs the population (the clients that "
+                "may be sampled; FlexLoRAStrategy: population=)"
+            )
         return PrivateAggregator(
             aggregator,
-            clip_norm=sec.clip_norm,
-            noise_multiplier=sec.dp_noise_multiplier,
-            expected_clients=len(plan.sample(1)),
-            population=len(plan.pool),
-            delta=sec.dp_delta,
-            seed=cfg.federation.seed,
-            secure_noise=sec.dp_secure_noise,
+            clip_norm=security.clip_norm,
+            noise_multiplier=security.dp_noise_multiplier,
+            expected_clients=expected_clients,
+            population=population,
+            delta=security.dp_delta,
+            seed=seed,
+            secure_noise=security.dp_secure_noise,
             space=method.space,
         )
-    if sec.robust != "none":
-        return RobustAggregator(aggregator, sec.robust, sec.clip_norm, sec.trim_fraction, space=method.space)
+    if security.robust != "none":
+        return RobustAggregator(
+            aggregator, security.robust, security.clip_norm, security.trim_fraction, space=method.space
+        )
     return aggregator
 
 

@@ -2,8 +2,12 @@
 
 Flower's FedAvg sends one shared payload to every node. FlexLoRA cannot: each node receives the global
 update truncated to its own rank, so :meth:`FlexLoRAStrategy.configure_train` builds one ``RecordDict`` per
-node. Replies are triaged (errors logged with node and reason; malformed updates refused with a
-:class:`~flexlora.engines.flower.records.ReplyError`) and the rest go to the aggregator.
+node. It is built from the round loop's pieces (:mod:`flexlora.federation`): payloads are cut by
+:func:`~flexlora.federation.cut_jobs` (so a Flower run and an in-process run at the same seed start every
+client from the same factors, with the method's client recipe), each decoded reply is checked by
+:func:`~flexlora.federation.check_outcome` (errors logged with node and reason; malformed replies refused with a
+:class:`~flexlora.engines.flower.records.ReplyError`), and the aggregator is wrapped in the DP or robust rule
+of a :class:`~flexlora.config.SecurityConfig` by :func:`flexlora.run.harden`, as in ``flexlora run``.
 
 Example (inside your own ``ServerApp``)::
 
@@ -15,8 +19,12 @@ Example (inside your own ``ServerApp``)::
         strategy = FlexLoRAStrategy("flexlora", shapes=shapes, distribution="heavy-tail-strong")
         result = strategy.start(grid, ArrayRecord(), num_rounds=10)  # empty: the shared seeded init
 
-Payloads are cut by :meth:`flexlora.federation.Federation.jobs`, so a Flower run and an in-process run at
-the same seed start every client from the same factors.
+With a robust rule or client-level DP (``population``: the nodes that may be sampled; DP's denominator is
+the number the strategy samples from them)::
+
+    FlexLoRAStrategy("flexlora", shapes=shapes, security=SecurityConfig(robust="median"))
+    FlexLoRAStrategy("flexlora", shapes=shapes, population=100, fraction_train=0.1,
+                     security=SecurityConfig(clip_norm=1.0, dp_noise_multiplier=1.0))
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -32,11 +41,13 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from flexlora.checkpoint import ServerState
-from flexlora.contracts import TrainJob
+from flexlora.config import SecurityConfig
+from flexlora.contracts import TrainJob, TrainResult
 from flexlora.core.aggregators import GlobalState
 from flexlora.core.lora import LoraUpdate, alpha_problem
+from flexlora.core.privacy import PrivateAggregator
 from flexlora.core.ranks import module_ranks
-from flexlora.core.validation import UpdateLimits, UpdateRejected, check_update
+from flexlora.core.validation import UpdateLimits
 from flexlora.engines.flower.nodes import NodeBook, wait_for_nodes
 from flexlora.engines.flower.records import (
     MAX_EXAMPLES,
@@ -48,8 +59,9 @@ from flexlora.engines.flower.records import (
     state_to_arrays,
     update_from_reply,
 )
-from flexlora.federation import Federation, FederationPlan, derive_seed
-from flexlora.methods import get_method
+from flexlora.federation import FederationPlan, check_outcome, cut_jobs, derive_seed
+from flexlora.methods import Method, get_method
+from flexlora.run import harden
 
 __all__ = ["FlexLoRAStrategy"]
 
@@ -60,7 +72,8 @@ class FlexLoRAStrategy(Strategy):
     """Heterogeneous-rank LoRA aggregation as a Flower strategy.
 
     Args:
-        method: ``flexlora``, ``fedavg`` / ``fedit``, ``hetlora``, ``flora``, ``ffa``, ``raflora`` or ``florist``.
+        method: a registered method that runs on Flower (:data:`flexlora.methods.METHODS`: ``flexlora``,
+            ``fedavg``, ``fedit``, ``hetlora``, ``flora``, ``ffa``, ``raflora``, ``florist``, ...).
         shapes: ``(d, k)`` of every adapted module of the base model (``flexlora.models.target_module_shapes``).
         alpha, use_rslora: the LoRA scale payloads are cut for.
         distribution: rank types of nodes that declare none (a distribution name or a list of types).
@@ -74,9 +87,15 @@ class FlexLoRAStrategy(Strategy):
         norm_bound: a reply whose effective update has ``||dW_i||_F`` above this is refused (as
             ``security.norm_bound`` does in the round loop); ``None``: only the overflow guard applies.
         method_options: keyword arguments of the aggregator (e.g. ``{"svd": "dense"}``).
+        security: the round loop's ``security`` section: its ``robust`` rule or client-level DP wraps the
+            aggregator (:func:`flexlora.run.harden`); its ``max_examples`` and ``norm_bound`` replace the
+            arguments of those names (give one or the other). ``round_retries`` must be 0.
+        population: the nodes that may be sampled; DP needs it (its denominator ``m`` is what the strategy
+            samples from ``population`` nodes: ``max(int(population * fraction_train), min_train_nodes)``).
 
     Raises:
-        ValueError: unknown method or bad option.
+        ValueError: unknown method, a method Flower cannot run (stages or a tail penalty), bad option,
+            DP for a method it does not support or without ``population``.
     """
 
     def __init__(
@@ -99,14 +118,15 @@ class FlexLoRAStrategy(Strategy):
         max_examples: int = MAX_EXAMPLES,
         norm_bound: float | None = None,
         method_options: Mapping[str, Any] | None = None,
+        security: SecurityConfig | None = None,
+        population: int | None = None,
     ) -> None:
         if not 0.0 <= fraction_train <= 1.0 or not 0.0 <= fraction_evaluate <= 1.0:
             raise ValueError(f"fractions must be in [0, 1], got {fraction_train}, {fraction_evaluate}")
         if problem := alpha_problem(alpha):
             raise ValueError(f"alpha {problem}")
-        self.recipe = get_method(method).client
-        self.aggregator = get_method(method).make_aggregator(**dict(method_options or {}))
-        self.method = method
+        spec = _flower_method(method)
+        self.recipe, self.method = spec.client, method
         self.shapes = {name: (int(d), int(k)) for name, (d, k) in shapes.items()}
         self.alpha, self.use_rslora, self.seed = float(alpha), bool(use_rslora), int(seed)
         self.fraction_train, self.fraction_evaluate = fraction_train, fraction_evaluate
@@ -114,15 +134,28 @@ class FlexLoRAStrategy(Strategy):
         self.min_evaluate_nodes = 0 if fraction_evaluate == 0 else min_evaluate_nodes
         self.min_available_nodes = min_available_nodes
         self.min_train_replies = max(1, min_train_replies)
-        self.wait_timeout, self.max_examples = wait_timeout, max_examples
-        self.limits = UpdateLimits(max_examples, norm_bound)  # ValueError for a bad bound
+        self.security = _security(security, max_examples, norm_bound)
+        self.wait_timeout, self.max_examples = wait_timeout, self.security.max_examples
+        self.limits = UpdateLimits(self.max_examples, self.security.norm_bound)  # ValueError for a bad bound
+        self.aggregator = self._hardened(spec, method_options, population)
+        self._releases = 0  # rounds aggregated (DP's releases)
         self.book = NodeBook(distribution, seed, query_timeout)
         self.state: GlobalState | None = None
         self._arrays: ArrayRecord | None = None  # the record self.state was sent or returned as
         self._sent: dict[int, TrainJob] = {}
+        self._plan: FederationPlan | None = None  # the plan the train messages of this round were cut from
         self.history: list[dict[str, Any]] = []  # per round: each node's client, rank type, bytes, outcome
 
     # ------------------------------------------------------------------------------------------ helpers
+    def _hardened(self, spec: Method, options: Mapping[str, Any] | None, population: int | None):
+        """The method's aggregator wrapped in the ``security`` rule by the round loop's :func:`harden`; DP's
+        ``m`` is what :meth:`_sample` draws from ``population`` nodes."""
+        inner = spec.make_aggregator(**dict(options or {}))
+        if population is None:
+            return harden(inner, spec, self.security, seed=self.seed)
+        m = min(population, max(int(population * self.fraction_train), self.min_train_nodes))
+        return harden(inner, spec, self.security, seed=self.seed, expected_clients=m, population=population)
+
     def summary(self) -> None:
         """Log the method and its hyperparameters as a tree."""
         log.info("FlexLoRAStrategy")
@@ -182,13 +215,10 @@ class FlexLoRAStrategy(Strategy):
         self.state, self._arrays = state, arrays
         return state
 
-    def _messages(
-        self, state: GlobalState, server_round: int, nodes: list[int], config: ConfigRecord, message_type: str
-    ) -> tuple[list[Message], dict[int, TrainJob]]:
-        """One message per node, with that node's payload at its own ranks (built by the round loop's
-        :meth:`Federation.jobs`)."""
+    def _plan_for(self, server_round: int, nodes: list[int]) -> FederationPlan:
+        """The round loop's plan of a round: the sampled nodes' clients at their declared ranks."""
         labels = [self._label(n) for n in nodes]
-        plan = FederationPlan(
+        return FederationPlan(
             pool=labels,
             rank_types={lab: self.book.rank_type(n) for lab, n in zip(labels, nodes, strict=True)},
             shapes=self.shapes,
@@ -199,8 +229,20 @@ class FlexLoRAStrategy(Strategy):
             alpha=self.alpha,
             use_rslora=self.use_rslora,
         )
-        federation = Federation(plan, self.aggregator, None, None, ".", {}, recipe=self.recipe)  # type: ignore[arg-type]
-        jobs = federation.jobs(ServerState(server_round - 1, state, {}), server_round, labels)
+
+    def _messages(
+        self,
+        plan: FederationPlan,
+        state: GlobalState,
+        server_round: int,
+        nodes: list[int],
+        config: ConfigRecord,
+        message_type: str,
+    ) -> tuple[list[Message], dict[int, TrainJob]]:
+        """One message per node, with that node's payload at its own ranks (the round loop's
+        :func:`~flexlora.federation.cut_jobs`)."""
+        server_state = ServerState(server_round - 1, state, {})
+        jobs = cut_jobs(plan, self.aggregator, self.recipe, None, server_state, server_round, plan.pool)
         messages, sent = [], {}
         for node, job in zip(nodes, jobs, strict=True):
             content = job_to_content(job)
@@ -236,8 +278,10 @@ class FlexLoRAStrategy(Strategy):
         if self.fraction_train == 0.0:
             return []
         nodes = self._sample(grid, self.fraction_train, self.min_train_nodes, server_round, "configure_train")
-        state = self._global(arrays)
-        messages, self._sent = self._messages(state, server_round, nodes, config, MessageType.TRAIN)
+        self._plan = self._plan_for(server_round, nodes)
+        messages, self._sent = self._messages(
+            self._plan, self._global(arrays), server_round, nodes, config, MessageType.TRAIN
+        )
         self.history.append(
             {
                 "round": server_round,
@@ -256,58 +300,32 @@ class FlexLoRAStrategy(Strategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Triage the replies, check each update against what its node was sent, and aggregate.
+        """Decode each reply, check its update against what its node was sent (the round loop's
+        :func:`~flexlora.federation.check_outcome`), and aggregate the valid ones.
 
         Returns:
             The new global state and the round's metrics (example-weighted train metrics, ``num-results``,
-            ``num-failures``, ``bytes-sent``, ``bytes-received``); ``(None, None)`` when fewer than
-            ``min_train_replies`` valid updates arrived (the global state is kept).
+            ``num-failures``, ``bytes-sent``, ``bytes-received``, with DP ``dp-epsilon``); ``(None, None)``
+            when fewer than ``min_train_replies`` valid updates arrived (the global state is kept).
         """
         record = self.history[-1] if self.history and self.history[-1]["round"] == server_round else None
+        nodes = record["nodes"] if record is not None else defaultdict(dict)
         updates: list[LoraUpdate] = []
         metrics: list[dict[str, float]] = []
         failures: dict[int, str] = {}
-        received = 0
         for msg in replies:
             node = msg.metadata.src_node_id
-            job = self._sent.pop(node, None)
-            if msg.has_error():
-                failures[node] = f"error {msg.error.code}: {msg.error.reason}"
-            elif job is None:
-                failures[node] = "unexpected reply (no train message was sent to it this round)"
-            else:
-                claimed = "" if self.book.client_id(node) is None else job.client_id
-                try:
-                    update, extra, nbytes = update_from_reply(
-                        msg.content, job.init, claimed, node, self.max_examples
-                    )
-                    update.client_id = update.client_id or job.client_id
-                    check_update(  # the same checks as our round loop applies on every engine
-                        update,
-                        client_id=update.client_id,
-                        ranks={n: f.rank for n, f in job.init.items()},
-                        shapes=self.shapes,
-                        alpha=self.alpha,
-                        use_rslora=self.use_rslora,
-                        limits=self.limits,
-                        frozen_A={n: f.A for n, f in job.init.items()} if job.freeze_A else None,
-                    )
-                except (ReplyError, UpdateRejected) as exc:
-                    failures[node] = str(exc)
-                else:
-                    updates.append(update)
-                    metrics.append({**extra, "num-examples": update.num_examples})
-                    received += nbytes
-                    if record is not None:
-                        record["nodes"][node]["bytes_received"] = nbytes
-        for node in self._sent:
-            failures[node] = "no reply before the round's timeout"
+            result, reason, nbytes = self._check_reply(msg, self._sent.pop(node, None))
+            if result is None:
+                failures[node] = reason
+                continue
+            updates.append(result.update)
+            metrics.append({**result.metrics, "num-examples": result.update.num_examples})
+            nodes[node]["bytes_received"] = nbytes
+        failures.update({node: "no reply before the round's timeout" for node in self._sent})
         self._sent = {}
         log.info("aggregate_train: received %d results and %d failures", len(updates), len(failures))
-        for node, reason in failures.items():
-            log.warning("\tnode %d left out of round %d: %s", node, server_round, reason)
-            if record is not None and node in record["nodes"]:
-                record["nodes"][node]["failure"] = reason
+        _log_failures(server_round, failures, nodes)
         if len(updates) < self.min_train_replies:
             log.warning(
                 "round %d: %d valid updates, %d needed; the global state is kept",
@@ -316,14 +334,47 @@ class FlexLoRAStrategy(Strategy):
                 self.min_train_replies,
             )
             return None, None
+        out = _weighted(metrics)
+        out.update(self._aggregate(server_round, updates))
+        out["num-results"], out["num-failures"] = len(updates), len(failures)
+        out["bytes-received"] = sum(n.get("bytes_received", 0) for n in nodes.values())
+        if record is not None:
+            out["bytes-sent"] = sum(n["bytes_sent"] for n in nodes.values())
+        return self._arrays, out
+
+    def _check_reply(self, msg: Message, job: TrainJob | None) -> tuple[TrainResult | None, str, int]:
+        """Decode a train reply and check its update as the round loop checks an engine's outcome
+        (:func:`~flexlora.federation.check_outcome`).
+
+        Returns:
+            ``(result, "", tensor bytes received)``, or ``(None, why the reply is left out, 0)``.
+        """
+        node = msg.metadata.src_node_id
+        if msg.has_error():
+            return None, f"error {msg.error.code}: {msg.error.reason}", 0
+        if job is None:
+            return None, "unexpected reply (no train message was sent to it this round)", 0
+        claimed = "" if self.book.client_id(node) is None else job.client_id
+        try:
+            update, extra, nbytes = update_from_reply(msg.content, job.init, claimed, node, self.max_examples)
+        except ReplyError as exc:
+            return None, str(exc), 0
+        update.client_id = job.client_id  # a node on its own partition trains as the round's ``node-<id>``
+        result = TrainResult(update, extra)
+        _, reason, _ = check_outcome(self._plan, self.limits, job, result)
+        return (None, reason, 0) if reason else (result, "", nbytes)
+
+    def _aggregate(self, server_round: int, updates: list[LoraUpdate]) -> dict[str, float]:
+        """Aggregate ``updates`` into the new global state, as the round loop's aggregation stage does (a
+        private aggregator seeds its noise by round first); the privacy spent with DP."""
+        self._releases += 1
+        if isinstance(self.aggregator, PrivateAggregator):
+            self.aggregator.start_round(server_round)
         self.state = self.aggregator.aggregate(updates, previous=self.state)
         self._arrays = state_to_arrays(self.state)
-        out = _weighted(metrics)
-        out["num-results"], out["num-failures"] = len(updates), len(failures)
-        out["bytes-received"] = received
-        if record is not None:
-            out["bytes-sent"] = sum(n["bytes_sent"] for n in record["nodes"].values())
-        return self._arrays, out
+        if isinstance(self.aggregator, PrivateAggregator):
+            return {"dp-epsilon": self.aggregator.privacy_spent(releases=self._releases)["epsilon"]}
+        return {}
 
     # ---------------------------------------------------------------------------------------- evaluation
     def configure_evaluate(
@@ -336,7 +387,8 @@ class FlexLoRAStrategy(Strategy):
         nodes = self._sample(
             grid, self.fraction_evaluate, self.min_evaluate_nodes, server_round, "configure_evaluate"
         )
-        messages, _ = self._messages(self._global(arrays), server_round, nodes, config, MessageType.EVALUATE)
+        plan, state = self._plan_for(server_round, nodes), self._global(arrays)
+        messages, _ = self._messages(plan, state, server_round, nodes, config, MessageType.EVALUATE)
         return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
@@ -356,6 +408,36 @@ class FlexLoRAStrategy(Strategy):
                 continue
             rows.append({**finite_metrics(node, m), "num-examples": n})
         return _weighted(rows) if rows else None
+
+
+def _flower_method(name: str) -> Method:
+    """The registered method ``name``, refused in one line when its recipe is not carried by Flower."""
+    spec = get_method(name)
+    if "flower" not in spec.engines:
+        what = "its stages are" if spec.client.stages else "its tail penalty is"
+        raise ValueError(f"{name} runs on the local engine only ({what} not carried by Flower)")
+    return spec
+
+
+def _security(security: SecurityConfig | None, max_examples: int, norm_bound: float | None) -> SecurityConfig:
+    """The strategy's security settings: ``security``, or the update bounds given as arguments."""
+    if security is None:
+        return SecurityConfig(max_examples=max_examples, norm_bound=norm_bound)
+    if norm_bound is not None or max_examples != MAX_EXAMPLES:
+        raise ValueError(
+            "norm_bound, max_examples: with security= set security.norm_bound, security.max_examples"
+        )
+    if security.round_retries:
+        raise ValueError("security.round_retries: Flower runs the rounds, a strategy cannot retry one; use 0")
+    return security
+
+
+def _log_failures(server_round: int, failures: dict[int, str], nodes: dict[int, dict[str, Any]]) -> None:
+    """Log each node left out of the round, and record why in its history entry."""
+    for node, reason in failures.items():
+        log.warning("\tnode %d left out of round %d: %s", node, server_round, reason)
+        if node in nodes:
+            nodes[node]["failure"] = reason
 
 
 def _weighted(rows: list[dict[str, float]]) -> MetricRecord:
