@@ -183,6 +183,17 @@ def test_complete_rows_adds_orthonormal_rows_orthogonal_to_the_rest(k, q_frac, r
     assert torch.equal(out, complete_rows(A, rank, seed=seed))  # deterministic
 
 
+def test_complete_rows_stays_orthogonal_when_the_fresh_draw_lies_in_the_row_space():
+    """With ``A`` drawn from the same seed, the one fresh direction is exactly ``A``'s first row: projecting it
+    off ``A``'s row space leaves rounding noise, and normalising noise gave rows far from orthogonal to ``A``
+    (|A e| up to 4.3). The complement basis of a complete QR cannot degenerate so."""
+    for seed in range(20):
+        A = torch.randn(8, 16, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        extra = complete_rows(A, 9, seed=seed)[8:]
+        assert amax(A @ extra.T) <= 1e-12 * A.norm().item()
+        assert torch.allclose(extra @ extra.T, torch.ones(1, 1, dtype=torch.float64), atol=1e-12)
+
+
 def test_complete_rows_keeps_dtype_and_refuses_more_rows_than_k():
     A = torch.linalg.qr(torch.randn(6, 3))[0].T  # (3, 6) float32
     assert complete_rows(A, 6).dtype == torch.float32

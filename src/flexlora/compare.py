@@ -327,6 +327,41 @@ class Comparison:
         _write_atomic(path, json.dumps(plan, indent=1) + "\n")
 
 
+#: keys of a config's ``compare:`` section
+SECTION_KEYS = (
+    "methods",
+    "distributions",
+    "seeds",
+    "method_overrides",
+    "out",
+    "order",
+    "variants",
+    "sweep",
+    "archive",
+)
+
+
+def _read_base(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(run config, compare section)`` of a base config file; the section's keys are checked."""
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    raw = load_yaml_file(path) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    section = raw.pop("compare", None) or {}
+    if not isinstance(section, dict) or set(section) - set(SECTION_KEYS):
+        bad = sorted(set(section) - set(SECTION_KEYS)) if isinstance(section, dict) else section
+        raise ConfigError(f"compare: unknown key(s) {bad} (known: {sorted(SECTION_KEYS)})")
+    return raw, section
+
+
+def _archive_dir(archive: Any) -> Path | None:
+    """``compare.archive`` as a path (``~`` expanded), ``None`` when not set."""
+    if archive is not None and not (isinstance(archive, str) and archive):
+        raise ConfigError(f"compare.archive: expected a directory, got {archive!r}")
+    return Path(archive).expanduser() if archive else None
+
+
 def load_comparisons(
     path: str | Path,
     methods: Sequence[str] | None = None,
@@ -346,26 +381,7 @@ def load_comparisons(
         ConfigError: a bad ``compare`` section, or any cell's config is invalid (all listed at once).
     """
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    raw = load_yaml_file(path) or {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
-    section = raw.pop("compare", None) or {}
-    known = {
-        "methods",
-        "distributions",
-        "seeds",
-        "method_overrides",
-        "out",
-        "order",
-        "variants",
-        "sweep",
-        "archive",
-    }
-    if not isinstance(section, dict) or set(section) - known:
-        bad = sorted(set(section) - known) if isinstance(section, dict) else section
-        raise ConfigError(f"compare: unknown key(s) {bad} (known: {sorted(known)})")
+    raw, section = _read_base(path)
     seeds = seeds if seeds is not None else section.get("seeds", 3)
     if isinstance(seeds, int):
         seeds = list(range(seeds))
@@ -382,10 +398,7 @@ def load_comparisons(
     except ValueError as exc:
         raise ConfigError(f"compare: {exc}") from None
     out = Path(out or section.get("out") or Path(raw.get("output_dir", "runs")) / f"compare-{path.stem}")
-    archive = section.get("archive")
-    if archive is not None and not (isinstance(archive, str) and archive):
-        raise ConfigError(f"compare.archive: expected a directory, got {archive!r}")
-    archive = Path(archive).expanduser() if archive else None
+    archive = _archive_dir(section.get("archive"))
     comparisons = [
         Comparison(raw, cells, out / name if name else out, [*overrides, *point], archive and archive / name)
         for name, point in points

@@ -234,6 +234,20 @@ def _hint_name(hint: Any) -> str:
 
 
 def _check(cfg: RunConfig, errors: list[str]) -> None:
+    """Every section's values, each wrong one appended to ``errors`` as ``section.key: what is wrong``."""
+    _check_federation(cfg, errors)
+    _check_security(cfg, errors)
+    _check_data(cfg, errors)
+    _check_run_dir(cfg, errors)
+    _check_model(cfg, errors)
+    try:
+        tracking_settings(cfg.tracking)
+    except ValueError as exc:
+        errors.append(str(exc))
+
+
+def _check_federation(cfg: RunConfig, errors: list[str]) -> None:
+    """The ``federation`` section: the method (and its recipe's needs), routes, ranks, counts and SLoRA keys."""
     fed = cfg.federation
     method = METHODS.get(fed.method)
     if method is None:
@@ -242,6 +256,21 @@ def _check(cfg: RunConfig, errors: list[str]) -> None:
         errors.append(f"federation.svd: {fed.svd!r} is not one of {list(SVD_ROUTES)}")
     if fed.engine not in ("local", "flower"):
         errors.append(f"federation.engine: {fed.engine!r} is not one of ['flower', 'local']")
+    _check_distribution(cfg, method, errors)
+    if not 0 < fed.florist_threshold <= 1:
+        errors.append(f"federation.florist_threshold: must lie in (0, 1], got {fed.florist_threshold}")
+    _check_counts(fed, errors)
+    if method is not None:
+        _check_recipe(cfg, method, errors)
+    if fed.slora_density is not None and not 0 < fed.slora_density <= 1:
+        errors.append(f"federation.slora_density: must be in (0, 1] or null, got {fed.slora_density}")
+    if fed.slora_lr is not None and not fed.slora_lr > 0:
+        errors.append(f"federation.slora_lr: must be > 0 or null, got {fed.slora_lr}")
+
+
+def _check_distribution(cfg: RunConfig, method, errors: list[str]) -> None:
+    """A known distribution (or rank-type list, or budgets), and one rank for a homogeneous-only method."""
+    fed = cfg.federation
     if isinstance(fed.distribution, str) and fed.distribution not in (*DISTRIBUTIONS, "budgets"):
         errors.append(
             f"federation.distribution: {fed.distribution!r} is not one of {sorted([*DISTRIBUTIONS, 'budgets'])}"
@@ -260,8 +289,10 @@ def _check(cfg: RunConfig, errors: list[str]) -> None:
             f"federation.distribution: {fed.method} needs one rank for every client (use 'homo' or a one-type "
             f"list), got {fed.distribution!r}"
         )
-    if not 0 < fed.florist_threshold <= 1:
-        errors.append(f"federation.florist_threshold: must lie in (0, 1], got {fed.florist_threshold}")
+
+
+def _check_counts(fed: FederationConfig, errors: list[str]) -> None:
+    """Rounds, seeds, client counts and the per-round sample (a fraction in (0, 1] or a whole count)."""
     for key in ("rounds", "min_clients", "eval_every"):
         if getattr(fed, key) < 1:
             errors.append(f"federation.{key}: must be >= 1, got {getattr(fed, key)}")
@@ -278,36 +309,34 @@ def _check(cfg: RunConfig, errors: list[str]) -> None:
             f"federation.clients_per_round: a fraction in (0, 1] written with a point (1.0: every client) "
             f"or a whole count (an integer >= 1), got {k!r}"
         )
-    if method is not None:
-        _check_recipe(cfg, method, errors)
-    if fed.slora_density is not None and not 0 < fed.slora_density <= 1:
-        errors.append(f"federation.slora_density: must be in (0, 1] or null, got {fed.slora_density}")
-    if fed.slora_lr is not None and not fed.slora_lr > 0:
-        errors.append(f"federation.slora_lr: must be > 0 or null, got {fed.slora_lr}")
-    _check_security(cfg, errors)
-    if cfg.data.eval_on not in ("heldout", "validation"):
-        errors.append(f"data.eval_on: {cfg.data.eval_on!r} is not one of ['heldout', 'validation']")
-    elif cfg.data.eval_on == "validation" and cfg.data.num_validation < 1:
+
+
+def _check_data(cfg: RunConfig, errors: list[str]) -> None:
+    """The ``data`` section's counts and which clients evaluation runs on."""
+    data = cfg.data
+    if data.eval_on not in ("heldout", "validation"):
+        errors.append(f"data.eval_on: {data.eval_on!r} is not one of ['heldout', 'validation']")
+    elif data.eval_on == "validation" and data.num_validation < 1:
         errors.append("data.eval_on: 'validation' needs data.num_validation >= 1")
-    if cfg.data.num_validation < 0:
-        errors.append(f"data.num_validation: must be >= 0, got {cfg.data.num_validation}")
-    _check_run_dir(cfg, errors)
-    if cfg.data.num_heldout < 0:
-        errors.append(f"data.num_heldout: must be >= 0, got {cfg.data.num_heldout}")
-    if cfg.data.max_clients is not None and cfg.data.max_clients < 1:
-        errors.append(f"data.max_clients: must be >= 1 or null, got {cfg.data.max_clients}")
-    if not ALPHA_RANGE[0] <= cfg.model.lora_alpha <= ALPHA_RANGE[1]:
+    if data.num_validation < 0:
+        errors.append(f"data.num_validation: must be >= 0, got {data.num_validation}")
+    if data.num_heldout < 0:
+        errors.append(f"data.num_heldout: must be >= 0, got {data.num_heldout}")
+    if data.max_clients is not None and data.max_clients < 1:
+        errors.append(f"data.max_clients: must be >= 1 or null, got {data.max_clients}")
+
+
+def _check_model(cfg: RunConfig, errors: list[str]) -> None:
+    """The ``model`` section: the LoRA scale's range, the dtype, at least one target module."""
+    model = cfg.model
+    if not ALPHA_RANGE[0] <= model.lora_alpha <= ALPHA_RANGE[1]:
         errors.append(
-            f"model.lora_alpha: must lie in [{ALPHA_RANGE[0]}, {ALPHA_RANGE[1]:g}], got {cfg.model.lora_alpha}"
+            f"model.lora_alpha: must lie in [{ALPHA_RANGE[0]}, {ALPHA_RANGE[1]:g}], got {model.lora_alpha}"
         )
-    if cfg.model.dtype not in ("float32", "bfloat16", "float16"):
-        errors.append(f"model.dtype: {cfg.model.dtype!r} is not one of ['bfloat16', 'float16', 'float32']")
-    if not cfg.model.target_modules:
+    if model.dtype not in ("float32", "bfloat16", "float16"):
+        errors.append(f"model.dtype: {model.dtype!r} is not one of ['bfloat16', 'float16', 'float32']")
+    if not model.target_modules:
         errors.append("model.target_modules: must name at least one module")
-    try:
-        tracking_settings(cfg.tracking)
-    except ValueError as exc:
-        errors.append(str(exc))
 
 
 def _check_recipe(cfg: RunConfig, method, errors: list[str]) -> None:

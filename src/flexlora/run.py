@@ -269,32 +269,23 @@ def _setup_logging(run_dir: Path) -> logging.Handler:
     return handler
 
 
-def _execute(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool) -> RunResult:
-    from flexlora.evaluation import evaluate_clients
-    from flexlora.lora_host import LoraHost
-    from flexlora.models import config_module_shapes, load_model
-
-    # ---------------------------------------------------------------- build
-    data = cfg.data
-    source = open_source(data.path, data.format, **data.options)
+def _client_split(cfg: RunConfig, source) -> tuple[list[str], list[str], list[str]]:
+    """``(training, held-out, validation)`` client ids: the seeded held-out split, then the validation clients
+    taken out of the training pool, then the pool capped at ``data.max_clients`` (a seeded sample)."""
+    data, seed = cfg.data, cfg.federation.seed
     heldout_arg = {"heldout_ids": data.heldout_ids} if data.heldout_ids else {"num_heldout": data.num_heldout}
-    train_ids, heldout_ids = split_clients(source, seed=cfg.federation.seed, **heldout_arg)
-    train_ids, validation_ids = split_validation(train_ids, data.num_validation, cfg.federation.seed)
+    train_ids, heldout_ids = split_clients(source, seed=seed, **heldout_arg)
+    train_ids, validation_ids = split_validation(train_ids, data.num_validation, seed)
     if data.max_clients is not None and data.max_clients < len(train_ids):
-        train_ids = sorted(seeded_rng(cfg.federation.seed, "pool").sample(train_ids, data.max_clients))
-    state = None
-    if resume:  # checked whole, module shapes included (from the model's config), before the model loads
-        state, _ = load_checkpoint(run_dir)
-        check_shapes(
-            state.global_state, config_module_shapes(cfg.model.name, cfg.model.target_modules), run_dir
-        )
-    model, tokenizer = load_model(cfg.model.name, cfg.model.dtype, cfg.model.device, seed=cfg.federation.seed)
-    host = LoraHost(model, cfg.model.target_modules)
-    types, notes = _rank_types(cfg, host, train_ids, run_dir if resume else None)
-    plan = make_plan(cfg, dict(zip(train_ids, types, strict=True)), host.shapes)
-    pool = validation_ids if data.eval_on == "validation" else heldout_ids
-    eval_ids = pool[: cfg.federation.eval_clients] if cfg.federation.eval_clients else pool
-    trained_ids = train_ids[: cfg.federation.eval_trained_clients]
+        train_ids = sorted(seeded_rng(seed, "pool").sample(train_ids, data.max_clients))
+    return train_ids, heldout_ids, validation_ids
+
+
+def _evaluators(cfg: RunConfig, host, tokenizer, source, eval_ids: list[str], trained_ids: list[str]):
+    """``(evaluate, final_evaluate)`` of the global adapter's exact factors (``None``: the base model) on
+    ``eval_ids`` (and on ``trained_ids`` under ``trained``). ``final_evaluate`` (``None`` unless
+    ``eval.generate_final_only``) generates at the last round only."""
+    from flexlora.evaluation import evaluate_clients
 
     def evaluate(factors, generate: bool = cfg.eval.generate and not cfg.eval.generate_final_only):
         eval_cfg = dataclasses.replace(cfg.eval, generate=generate)
@@ -313,6 +304,32 @@ def _execute(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool) -> Run
     def final_evaluate(factors):
         return evaluate(factors, generate=cfg.eval.generate)
 
+    return evaluate, final_evaluate if cfg.eval.generate_final_only else None
+
+
+def _execute(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool) -> RunResult:
+    from flexlora.lora_host import LoraHost
+    from flexlora.models import config_module_shapes, load_model
+
+    # ---------------------------------------------------------------- build
+    data = cfg.data
+    source = open_source(data.path, data.format, **data.options)
+    train_ids, heldout_ids, validation_ids = _client_split(cfg, source)
+    state = None
+    if resume:  # checked whole, module shapes included (from the model's config), before the model loads
+        state, _ = load_checkpoint(run_dir)
+        check_shapes(
+            state.global_state, config_module_shapes(cfg.model.name, cfg.model.target_modules), run_dir
+        )
+    model, tokenizer = load_model(cfg.model.name, cfg.model.dtype, cfg.model.device, seed=cfg.federation.seed)
+    host = LoraHost(model, cfg.model.target_modules)
+    types, notes = _rank_types(cfg, host, train_ids, run_dir if resume else None)
+    plan = make_plan(cfg, dict(zip(train_ids, types, strict=True)), host.shapes)
+    pool = validation_ids if data.eval_on == "validation" else heldout_ids
+    eval_ids = pool[: cfg.federation.eval_clients] if cfg.federation.eval_clients else pool
+    evaluate, final_evaluate = _evaluators(
+        cfg, host, tokenizer, source, eval_ids, train_ids[: cfg.federation.eval_trained_clients]
+    )
     aggregator = build_aggregator(cfg, plan)
     engine = _engine(cfg, host, tokenizer, source, progress)
     log.info(
@@ -334,7 +351,7 @@ def _execute(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool) -> Run
         cfg.to_dict(),
         progress=progress,
         schedule=stages_for(cfg, host, tokenizer, source, plan, progress),
-        final_evaluate=final_evaluate if cfg.eval.generate_final_only else None,
+        final_evaluate=final_evaluate,
         limits=UpdateLimits(cfg.security.max_examples, cfg.security.norm_bound),
         round_retries=cfg.security.round_retries,
         **client_side(cfg),

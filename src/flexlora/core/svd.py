@@ -113,7 +113,10 @@ def complete_rows(A: torch.Tensor, rank: int, seed: int = 0) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     extra = torch.randn(k, rank - q, generator=gen, dtype=torch.float64).to(A.device)  # (k, rank - q)
     if q:
-        basis, _ = torch.linalg.qr(A.double().T)  # (k, q) orthonormal basis of A's row space
-        extra = extra - basis @ (basis.T @ extra)
+        # the last k - q columns of A^T's complete QR span the complement of A's row space: random
+        # combinations of them are orthogonal to A however close the draw lies to A's rows
+        full, _ = torch.linalg.qr(A.double().T, mode="complete")  # (k, k) orthogonal
+        complement = full[:, q:]  # (k, k - q)
+        extra = complement @ (complement.T @ extra)
     Q, _ = torch.linalg.qr(extra)  # (k, rank - q)
     return torch.cat([A, Q.T.to(A.dtype)], dim=0)
