@@ -272,7 +272,12 @@ def test_the_strategy_refuses_what_it_cannot_run_in_one_line():
         ({"method": "slora+flexlora"}, "local engine only"),
         ({"method": "hetlora-cho"}, "local engine only"),
         ({"security": dp}, "population"),
-        ({"method": "hetlora", "security": dp, "population": 10}, "does not support hetlora"),
+        ({"method": "hetlora", "security": dp, "population": 10}, "hetlora is not supported"),
+        (
+            {"security": SecurityConfig(clip_norm=1.0, dp_noise_multiplier=1.0, robust="median")},
+            "cannot be combined",
+        ),
+        ({"security": SecurityConfig(trim_fraction=0.7)}, "security.trim_fraction"),
         ({"security": SecurityConfig(), "norm_bound": 1.0}, "norm_bound"),
         ({"security": SecurityConfig(round_retries=1)}, "round_retries"),
     ]

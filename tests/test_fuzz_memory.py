@@ -32,3 +32,9 @@ def test_the_measurement_sees_a_spike_and_not_what_imports_cost(tmp_path):
         "    assert len(b'x' * (100 * 2**20)) == 100 * 2**20\n"
     )
     assert 90 < module_peak_growth_mb(module, workdir=tmp_path) < 150
+    # a large calling session (the full suite reaches GBs): Linux hands the parent's RSS high-water mark to a
+    # forked child's ru_maxrss, which hid the spike (0.0 growth); VmHWM is the child's own
+    session, big = b"y" * (1500 * 2**20), tmp_path / "big-parent"
+    big.mkdir()
+    assert 90 < module_peak_growth_mb(module, workdir=big) < 150
+    del session

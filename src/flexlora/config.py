@@ -35,6 +35,7 @@ __all__ = [
     "SecurityConfig",
     "RunConfig",
     "load_config",
+    "security_problems",
 ]
 
 MAX_INT = 2**31 - 1  # any integer field (seeds, counts, steps)
@@ -396,7 +397,13 @@ def _check_budgets(cfg: RunConfig, errors: list[str]) -> None:
 
 
 def _check_security(cfg: RunConfig, errors: list[str]) -> None:
-    sec, method = cfg.security, cfg.federation.method
+    errors.extend(security_problems(cfg.security, cfg.federation.method))
+
+
+def security_problems(sec: SecurityConfig, method: str) -> list[str]:
+    """What is wrong with a ``security`` section for ``method``, one ``security.key: ...`` line each (the round
+    loop's config check and :class:`flexlora.engines.flower.FlexLoRAStrategy` both use it)."""
+    errors: list[str] = []
     if sec.max_examples < 1:
         errors.append(f"security.max_examples: must be >= 1, got {sec.max_examples}")
     if sec.round_retries < 0:
@@ -431,6 +438,7 @@ def _check_security(cfg: RunConfig, errors: list[str]) -> None:
                 "security.dp_noise_multiplier: the privacy accountant needs dp-accounting "
                 "(pip install 'flwr[dp]==1.42.0')"
             )
+    return errors
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

@@ -41,7 +41,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from flexlora.checkpoint import ServerState
-from flexlora.config import SecurityConfig
+from flexlora.config import SecurityConfig, security_problems
 from flexlora.contracts import TrainJob, TrainResult
 from flexlora.core.aggregators import GlobalState
 from flexlora.core.lora import LoraUpdate, alpha_problem
@@ -134,7 +134,7 @@ class FlexLoRAStrategy(Strategy):
         self.min_evaluate_nodes = 0 if fraction_evaluate == 0 else min_evaluate_nodes
         self.min_available_nodes = min_available_nodes
         self.min_train_replies = max(1, min_train_replies)
-        self.security = _security(security, max_examples, norm_bound)
+        self.security = _security(security, max_examples, norm_bound, method)
         self.wait_timeout, self.max_examples = wait_timeout, self.security.max_examples
         self.limits = UpdateLimits(self.max_examples, self.security.norm_bound)  # ValueError for a bad bound
         self.aggregator = self._hardened(spec, method_options, population)
@@ -419,8 +419,11 @@ def _flower_method(name: str) -> Method:
     return spec
 
 
-def _security(security: SecurityConfig | None, max_examples: int, norm_bound: float | None) -> SecurityConfig:
-    """The strategy's security settings: ``security``, or the update bounds given as arguments."""
+def _security(
+    security: SecurityConfig | None, max_examples: int, norm_bound: float | None, method: str
+) -> SecurityConfig:
+    """The strategy's security settings: ``security`` (checked as the round loop checks its ``security``
+    section, e.g. a robust rule and DP together are refused), or the update bounds given as arguments."""
     if security is None:
         return SecurityConfig(max_examples=max_examples, norm_bound=norm_bound)
     if norm_bound is not None or max_examples != MAX_EXAMPLES:
@@ -429,6 +432,8 @@ def _security(security: SecurityConfig | None, max_examples: int, norm_bound: fl
         )
     if security.round_retries:
         raise ValueError("security.round_retries: Flower runs the rounds, a strategy cannot retry one; use 0")
+    if problems := security_problems(security, method):
+        raise ValueError("; ".join(problems))
     return security
 
 
