@@ -186,3 +186,27 @@ def test_switch_point_is_half_of_min_dk_and_the_sum_is_spent_after_svd():
     assert torch.allclose((U * S) @ Vh, ref, atol=1e-10 * ref.abs().max())
     with pytest.raises(ValueError, match="already decomposed"):
         acc.svd()
+
+
+def test_the_last_update_is_released_before_the_svd(monkeypatch):
+    """The server does not hold the last client's factors while it decomposes the sums."""
+    alive = set()
+
+    def produce():
+        for i, u in enumerate(make_updates(16, 40, [12, 12, 12])):
+            alive.add(i)
+            weakref.finalize(u, alive.discard, i)
+            yield u
+            del u
+
+    seen = []
+    svd = LowRankSum.svd
+
+    def spy(self, top=None):
+        gc.collect()
+        seen.append(set(alive))
+        return svd(self, top)
+
+    monkeypatch.setattr(LowRankSum, "svd", spy)
+    FlexLoRA(dtype=F64).aggregate_stream(produce())
+    assert seen == [set()]

@@ -69,6 +69,16 @@ class FlexLoRA(Aggregator):
     ) -> GlobalState:
         """Fold each update into per-module running sums of ``n_i s_i B_i A_i`` as it arrives (validated
         against the first), then take each sum's SVD and divide by ``sum_i n_i``."""
+        sums, total = self._fold(updates)
+        modules = {}
+        for name in list(sums):
+            U, S, Vh = sums.pop(name).svd(self.top)  # each sum freed once its SVD is taken
+            modules[name] = LowRank(U.mul_(S / total), Vh)  # (d, q), (q, k); in place: no second U
+        return GlobalState(modules, self.name, svd_form=True)
+
+    def _fold(self, updates: Iterable[LoraUpdate]) -> tuple[dict[str, LowRankSum], int]:
+        """The running sums and ``sum_i n_i``; a function of its own, so that the last update is no longer
+        referenced (by a loop variable) while the SVDs run."""
         sums: dict[str, LowRankSum] = {}
         first, total = None, 0
         for i, u in enumerate(updates):
@@ -82,8 +92,4 @@ class FlexLoRA(Aggregator):
                 )  # (d, r), (r, k)
         if first is None:
             raise AggregationError("no client updates to aggregate")
-        modules = {}
-        for name in list(sums):
-            U, S, Vh = sums.pop(name).svd(self.top)  # each sum freed once its SVD is taken
-            modules[name] = LowRank(U.mul_(S / total), Vh)  # (d, q), (q, k); in place: no second U
-        return GlobalState(modules, self.name, svd_form=True)
+        return sums, total
