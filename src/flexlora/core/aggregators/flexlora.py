@@ -69,21 +69,31 @@ class FlexLoRA(Aggregator):
     ) -> GlobalState:
         """Fold each update into per-module running sums of ``n_i s_i B_i A_i`` as it arrives (validated
         against the first), then take each sum's SVD and divide by ``sum_i n_i``."""
-        sums: dict[str, LowRankSum] = {}
-        first, total = None, 0
-        for i, u in enumerate(updates):
-            validate_update(u, i, first or u)
-            first = first or skeleton(u)  # what later updates are checked against, without its tensors
-            total += u.num_examples
-            for name, f in u.modules.items():
-                acc = sums.setdefault(name, LowRankSum(self.svd))
-                acc.add(
-                    f.B.to(self.dtype), f.A.to(self.dtype), scale=u.num_examples * f.scale
-                )  # (d, r), (r, k)
-        if first is None:
-            raise AggregationError("no client updates to aggregate")
+        sums, total = self._fold(updates)
         modules = {}
         for name in list(sums):
             U, S, Vh = sums.pop(name).svd(self.top)  # each sum freed once its SVD is taken
             modules[name] = LowRank(U.mul_(S / total), Vh)  # (d, q), (q, k); in place: no second U
         return GlobalState(modules, self.name, svd_form=True)
+
+    def _fold(self, updates: Iterable[LoraUpdate]) -> tuple[dict[str, LowRankSum], int]:
+        """The running sums and ``sum_i n_i``. Each update is released before the next is read (no
+        ``enumerate``, whose reused result tuple would hold it), and a function of its own, so that nothing
+        holds the last one while the SVDs run."""
+        sums: dict[str, LowRankSum] = {}
+        first, total, count = None, 0, 0
+        for u in updates:
+            validate_update(u, count, first or u)
+            first = first or skeleton(u)  # what later updates are checked against, without its tensors
+            total, count = total + u.num_examples, count + 1
+            self._add(sums, u)
+            del u
+        if first is None:
+            raise AggregationError("no client updates to aggregate")
+        return sums, total
+
+    def _add(self, sums: dict[str, LowRankSum], u: LoraUpdate) -> None:
+        """Fold ``n s B A`` of each of ``u``'s modules into its running sum."""
+        for name, f in u.modules.items():
+            acc = sums.setdefault(name, LowRankSum(self.svd))
+            acc.add(f.B.to(self.dtype), f.A.to(self.dtype), scale=u.num_examples * f.scale)  # (d, r), (r, k)
