@@ -18,7 +18,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,6 +74,20 @@ for line in sys.stdin:
     protocol.write(json.dumps(reply) + "\n")
     protocol.flush()
 """
+#: runs ``argv[4:]`` as a child and reports its exit code and peak RSS. A child forked straight from the test
+#: session would not do: Linux hands the forking process's RSS high-water mark to the child's ``ru_maxrss``
+#: (a 2.5 GB session read as a 2.5 GB child), so the child is forked from this small launcher instead.
+LAUNCHER = r"""
+import json, os, subprocess, sys, threading
+timeout, out, err, cmd = float(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4:]
+with open(out, "w") as o, open(err, "w") as e:
+    proc = subprocess.Popen(cmd, stdout=o, stderr=e)
+timer = threading.Timer(timeout, proc.kill)
+timer.start()
+_, status, usage = os.wait4(proc.pid, 0)
+timer.cancel()
+print(json.dumps({"code": os.waitstatus_to_exitcode(status), "kib": usage.ru_maxrss}))
+"""
 _server: subprocess.Popen | None = None
 
 
@@ -117,17 +130,18 @@ def run_cli(
     with tempfile.NamedTemporaryFile() as out, tempfile.NamedTemporaryFile() as err:
         if fresh:
             start = time.perf_counter()
-            proc = subprocess.Popen(
-                [sys.executable, "-c", code, *args], cwd=cwd, env=_child_env(env), stdout=out, stderr=err
+            launcher = [sys.executable, "-c", LAUNCHER, str(timeout), out.name, err.name]
+            done = subprocess.run(
+                [*launcher, sys.executable, "-c", code, *args],
+                cwd=cwd,
+                env=_child_env(env),
+                capture_output=True,
+                text=True,
+                check=True,
             )
-            timer = threading.Timer(timeout, proc.kill)
-            timer.start()
-            try:
-                _, status, usage = os.wait4(proc.pid, 0)
-            finally:
-                timer.cancel()
-            proc.returncode = exit_code = os.waitstatus_to_exitcode(status)
-            seconds, kib = time.perf_counter() - start, usage.ru_maxrss
+            reply = json.loads(done.stdout)
+            exit_code, kib = reply["code"], reply["kib"]
+            seconds = time.perf_counter() - start
         else:
             server = _fork_server()
             request = {"args": args, "cwd": cwd, "env": env or {}, "code": code, "timeout": timeout}
