@@ -21,6 +21,7 @@ factors (0.663 for ``attn30-mlp200``) that type's client failed under its own es
 from __future__ import annotations
 
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -70,7 +71,12 @@ def _train_under_limit(model: str, attn: int, mlp: int, limit: int) -> subproces
     spec |= {"dtype": "float32", "device": "cpu", "attn": attn, "mlp": mlp}
     cap = lambda: resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))  # noqa: E731
     cmd = [sys.executable, "-m", "flexlora.rank_probe", json.dumps(spec)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, preexec_fn=cap, check=False)
+    # one thread, as the estimate assumes: extra OpenMP threads' stacks count against RLIMIT_DATA, and without
+    # OMP_NUM_THREADS set (a clean CI shell) the capped child hung past 600 s instead of training
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    return subprocess.run(
+        cmd, capture_output=True, text=True, timeout=600, preexec_fn=cap, check=False, env=env
+    )
 
 
 def _fits(done: subprocess.CompletedProcess, limit: int) -> None:
