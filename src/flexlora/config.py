@@ -352,22 +352,13 @@ def _check_recipe(cfg: RunConfig, method, errors: list[str]) -> None:
     if fed.engine in ("local", "flower") and fed.engine not in method.engines:
         errors.append(
             f"federation.method: {fed.method} runs on the {' or '.join(method.engines)} engine only "
-            f"({_not_carried(method)}); use federation.engine={method.engines[0]}"
+            f"({method.not_carried()}); use federation.engine={method.engines[0]}"
         )
     if method.client.tail_penalty:
         try:
             TailPenalty(fed.hetlora_lambda, fed.hetlora_gamma, fed.hetlora_threshold)
         except ValueError as exc:
             errors.append(f"federation.hetlora_*: {exc}")
-
-
-def _not_carried(method) -> str:
-    """Why a method cannot leave the local engine: the part of its recipe Flower messages do not carry."""
-    if method.client.stages:
-        return f"its first stage ({', '.join(method.client.stages)}) is not carried by Flower"
-    if method.client.tail_penalty:
-        return "its client regulariser is not carried by Flower"
-    return "not supported by the other engines"
 
 
 def _check_run_dir(cfg: RunConfig, errors: list[str]) -> None:

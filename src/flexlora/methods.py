@@ -90,6 +90,14 @@ class Method:
         module, _, cls = self.aggregator.partition(":")
         return getattr(importlib.import_module(module), cls)
 
+    def not_carried(self) -> str:
+        """Why the method cannot leave the local engine: the part of its recipe Flower messages do not carry."""
+        if self.client.stages:
+            return f"its first stage ({', '.join(self.client.stages)}) is not carried by Flower"
+        if self.client.tail_penalty:
+            return "its client regulariser is not carried by Flower"
+        return "not supported by the other engines"
+
     def make_aggregator(self, **kwargs: Any):
         """A fresh aggregator with these keyword arguments."""
         return self.aggregator_class()(**kwargs)

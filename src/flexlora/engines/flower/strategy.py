@@ -414,8 +414,7 @@ def _flower_method(name: str) -> Method:
     """The registered method ``name``, refused in one line when its recipe is not carried by Flower."""
     spec = get_method(name)
     if "flower" not in spec.engines:
-        what = "its stages are" if spec.client.stages else "its tail penalty is"
-        raise ValueError(f"{name} runs on the local engine only ({what} not carried by Flower)")
+        raise ValueError(f"{name} runs on the local engine only ({spec.not_carried()})")
     return spec
 
 
